@@ -1,0 +1,152 @@
+"""SCONet's input point cloud: Canny edge points with their int8-stored 3D SURF descriptors."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..geometry import ObjectFrame
+from ..progress import ProgressCallback, report, sub_progress
+from .canny import _canny_points, check_ct_image
+from .surf3d import DEFAULT_SCALE_MM, DESCRIPTOR_SIZE, _surf3d
+
+logger = logging.getLogger(__name__)
+
+#: Points drawn per volume by the reference configuration (``pointcloud_n``).
+DEFAULT_N_POINTS = 50_000
+#: Levels of the int8 descriptor storage: values map to [-127, 127] per column.
+_INT8_LEVELS = 127
+#: Added to each column's maximum before scaling, as the reference does (avoids a division by zero).
+_SCALE_EPSILON = 1e-6
+#: Version of the .npz layout written by :meth:`PointCloud.save`.
+_FILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PointCloud:
+    """Edge points of one CT volume and their descriptors, stored as the reference does.
+
+    Attributes
+    ----------
+    xyz_lps : (N, 3) float64
+        Point positions, LPS millimetres.
+    surf_int8 : (N, 48) int8
+        3D SURF descriptors quantised per column: ``trunc(surf · 127 / maxima)`` with ``maxima`` the column's
+        ``max |surf| + 1e-6`` over the cloud.
+    surf_scale : (48,) float32
+        ``maxima / 127``; ``features = surf_int8 · surf_scale``.
+    """
+
+    xyz_lps: np.ndarray
+    surf_int8: np.ndarray
+    surf_scale: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.xyz_lps)
+        expected = {"xyz_lps": ((n, 3), np.float64), "surf_int8": ((n, DESCRIPTOR_SIZE), np.int8),
+                    "surf_scale": ((DESCRIPTOR_SIZE,), np.float32)}
+        for name, (shape, dtype) in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.shape != shape or value.dtype != dtype:
+                got = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"PointCloud.{name} must be a {shape} {np.dtype(dtype).name} array, got {got}")
+
+    @classmethod
+    def from_descriptors(cls, xyz_lps: np.ndarray, surf: np.ndarray) -> "PointCloud":
+        """Quantise float descriptors to the reference's per-column int8 storage.
+
+        Parameters
+        ----------
+        xyz_lps : (N, 3) float64, LPS mm.
+        surf : (N, 48) float32 descriptors from :func:`SCONetLib.points.surf3d`.
+        """
+        surf = np.asarray(surf, dtype=np.float32)
+        maxima = np.max(np.abs(surf) + np.float32(_SCALE_EPSILON), axis=0) if len(surf) else \
+            np.full(DESCRIPTOR_SIZE, _SCALE_EPSILON, dtype=np.float32)
+        quantised = (surf * np.float32(_INT8_LEVELS) / maxima).astype(np.int8)
+        return cls(np.asarray(xyz_lps, dtype=np.float64), quantised,
+                   (maxima / np.float32(_INT8_LEVELS)).astype(np.float32))
+
+    @property
+    def features(self) -> np.ndarray:
+        """(N, 48) float32 de-quantised descriptors, as the model sees them."""
+        return self.surf_int8.astype(np.float32) * self.surf_scale
+
+    def model_input(self, frame: ObjectFrame) -> np.ndarray:
+        """(N, 51) float32 model input: object-frame coordinates (3) then descriptor features (48)."""
+        return np.concatenate([frame.lps_to_object(self.xyz_lps), self.features], axis=1).astype(np.float32)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a compressed ``.npz`` (no pickled objects), written to a temporary file then renamed."""
+        path = os.fspath(path)
+        temporary = path + ".tmp.npz"
+        np.savez_compressed(temporary, version=np.int64(_FILE_VERSION), xyz_lps=self.xyz_lps,
+                            surf_int8=self.surf_int8, surf_scale=self.surf_scale)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PointCloud":
+        """Read a file written by :meth:`save`."""
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            missing = {"version", "xyz_lps", "surf_int8", "surf_scale"} - set(data.files)
+            if missing:
+                raise ValueError(f"{os.fspath(path)!r} is not a SCONet point cloud: missing {sorted(missing)}")
+            version = int(data["version"])
+            if version != _FILE_VERSION:
+                raise ValueError(f"{os.fspath(path)!r} has point-cloud format version {version}, "
+                                 f"expected {_FILE_VERSION}")
+            return cls(data["xyz_lps"], data["surf_int8"], data["surf_scale"])
+
+
+def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_POINTS, seed: int = 0,
+                        progress: Optional[ProgressCallback] = None) -> PointCloud:
+    """SCONet's input point cloud of a CT volume.
+
+    Parameters
+    ----------
+    image : SimpleITK.Image
+        3D CT volume in Hounsfield units, any pixel type and direction.
+    n_points : int or None
+        Points drawn uniformly **with replacement** from all Canny edge points (duplicates occur), as the
+        reference does for training and testing; ``None`` keeps every edge point once, in Canny order.
+    seed : int
+        Seed of ``numpy.random.default_rng`` for the draw.
+    progress : callable, optional
+        ``progress(fraction, message)``; may raise :class:`SCONetLib.progress.Cancelled`, which propagates.
+
+    Returns
+    -------
+    PointCloud
+        ``xyz_lps`` (n_points, 3) float64 LPS mm, descriptors stored as int8 per column.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad image (see :func:`SCONetLib.points.canny_points`), no edges, or ``n_points`` not a positive integer.
+
+    Notes
+    -----
+    Descriptors are computed once per distinct drawn point, then repeated. The int8 column maxima are taken over
+    the drawn points, whereas the reference takes them over all edge points before drawing; the stored values
+    therefore differ by at most one quantisation step of the column.
+    """
+    if n_points is not None and (isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer))
+                                 or n_points <= 0):
+        raise ValueError(f"n_points must be a positive integer or None, got {n_points!r}")
+    check_ct_image(image)
+    report(progress, 0.0, "Canny edges")
+    edges_lps = _canny_points(image)
+    report(progress, 0.2, f"{len(edges_lps)} edge points")
+    if n_points is None:
+        drawn = np.arange(len(edges_lps))
+        unique, inverse = drawn, drawn
+    else:
+        drawn = np.random.default_rng(seed).integers(0, len(edges_lps), size=int(n_points))
+        unique, inverse = np.unique(drawn, return_inverse=True)
+    surf = _surf3d(image, edges_lps[unique], DEFAULT_SCALE_MM, sub_progress(progress, 0.2, 1.0))
+    logger.info("point cloud: %d points (%d distinct) from %d edge voxels", len(drawn), len(unique), len(edges_lps))
+    return PointCloud.from_descriptors(edges_lps[drawn], surf[inverse.reshape(-1)])
