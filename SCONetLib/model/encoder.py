@@ -57,9 +57,8 @@ def normalize_to_unit_cube(p: torch.Tensor, padding: float) -> torch.Tensor:
     and is kept.
     """
     u = p / (1.0 + padding + UNIT_CUBE_EPS) + 0.5
-    u[u >= 1.0] = UNIT_CUBE_MAX
-    u[u < 0.0] = 0.0
-    return u
+    u = torch.where(u >= 1.0, torch.full_like(u, UNIT_CUBE_MAX), u)
+    return u.clamp_min_(0.0)
 
 
 def cell_index(p: torch.Tensor, grid_resolution: int, padding: float) -> torch.Tensor:
