@@ -18,21 +18,19 @@ bool, None) are accepted. The stored dict is::
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from .io import atomic_output
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .model import SCONet, ModelConfig, build_model, load_reference_state_dict
 from .model.encoder import UNIT_CUBE_EPS, UNIT_CUBE_MAX
@@ -103,20 +101,8 @@ def save_checkpoint(path, model: SCONet, metadata: dict | None = None, training_
     }
     payload["sha256"] = _digest(payload)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(path.parent)
+    with atomic_output(path, durable=True) as tmp, open(tmp, "wb") as file:
+        torch.save(payload, file)
     logger.info("saved SCONet checkpoint %s", path)
     return path
 
@@ -328,14 +314,3 @@ def _digest(payload: dict) -> str:
         hasher.update(key.encode())
         feed(payload.get(key))
     return hasher.hexdigest()
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush a folder entry to disk after a rename (POSIX only; a no-op where folders cannot be opened)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

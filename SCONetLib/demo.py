@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .checkpoint import default_weights_path
-from .io import write_image
+from .io import atomic_output, write_image
 from .labels import ORGANS
 from .phantom import make_phantom
 from .points.cloud import DEFAULT_N_POINTS
@@ -270,12 +268,6 @@ def write_png(rgb: np.ndarray, path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"cannot write {str(path)!r}: the figure file name must end in .png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{secrets.token_hex(4)}.png")
-    try:
+    with atomic_output(path, ".png") as tmp:
         sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(rgb), isVector=True), str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -11,14 +11,16 @@ Supported inputs of :func:`read_image`: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import logging
 import os
 import re
 import secrets
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -187,23 +189,57 @@ def _write_suffix(path: Path) -> str:
 
 
 def _write_atomically(path: Path, image: sitk.Image) -> Path:
-    """Write ``image`` (compressed) to a temporary sibling of ``path`` with the same suffix, then move it there.
+    """Write ``image`` (compressed) through :func:`atomic_output`; ITK's complaints become ``OSError`` naming ``path``."""
+    with atomic_output(path, _write_suffix(path)) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as error:
+            message = _short_itk_message(error).replace(str(tmp), str(path))
+            raise OSError(f"cannot write {str(path)!r}: {message}") from None
+    return path
 
-    ITK's complaints become ``OSError`` naming ``path``; on any exception the temporary file is removed.
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp", durable: bool = False) -> Iterator[Path]:
+    """Context manager for writing ``path`` all at once or not at all.
+
+    Yields a hidden temporary path in ``path``'s folder (created if missing) ending in ``suffix`` (writers that
+    pick the format from the file name need the real suffix). When the block ends normally the temporary file
+    replaces ``path`` in one ``os.replace``; on any exception it is removed and ``path`` is left as it was. With
+    ``durable=True`` the file and its folder are also fsync-ed, so the new content survives a power cut.
     """
-    suffix = _write_suffix(path)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:-len(suffix)]}.tmp-{secrets.token_hex(4)}{suffix}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
     try:
-        sitk.WriteImage(image, str(tmp), True)
+        yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
-    except RuntimeError as error:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {str(path)!r}: {_short_itk_message(error).replace(str(tmp), str(path))}") \
-            from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's content to disk (folders only where the OS allows opening them)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    with contextlib.suppress(OSError):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(content: dict, path: str | os.PathLike) -> Path:
+    """Write ``content`` as indented UTF-8 JSON to ``path`` atomically; returns the path."""
+    path = Path(path)
+    text = json.dumps(content, indent=2) + "\n"
+    with atomic_output(path, ".json") as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -24,9 +24,7 @@ field, so switching ``random_orientation`` or fixing the spacing leaves the anat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from SCONetLib import __version__
 from SCONetLib import io as sconet_io
 from SCONetLib import labels as organ_table
 from SCONetLib.geometry import Grid
+from SCONetLib.io import write_json
 from SCONetLib.progress import ProgressCallback, report, sub_progress
 
 logger = logging.getLogger(__name__)
@@ -888,7 +887,7 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
         "labels": {str(i): name for i, name in enumerate(organ_table.CLASS_NAMES)},
         "cases": cases,
     }
-    _write_json_atomically(out_dir / "dataset.json", description)
+    write_json(description, out_dir / "dataset.json")
     report(progress, 1.0, f"wrote {n} phantoms to {out_dir}")
     return description
 
@@ -900,18 +899,6 @@ def _jsonable(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    """Write ``content`` as indented JSON to a temporary sibling of ``path``, then move it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:

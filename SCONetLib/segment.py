@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import io as sconet_io
+from .io import write_json
 from .checkpoint import CheckpointError
 from .geometry import Grid
 from .infer import PROBABILITY_BYTES_PER_VOXEL, SEGMENT_BYTES_PER_VOXEL, Segmenter, output_grid
@@ -321,24 +319,6 @@ def model_summary(segmenter: Segmenter) -> dict:
         "config": config.to_dict() if hasattr(config, "to_dict") else _jsonable(vars(config)),
         "metadata": _jsonable(segmenter.metadata),
     }
-
-
-def write_json(content: dict, path) -> Path:
-    """Write ``content`` as indented JSON to ``path`` atomically (temporary file in the folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(content, file, indent=2)
-            file.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _grid_dict(grid: Grid) -> dict:

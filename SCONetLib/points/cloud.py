@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import ObjectFrame
+from ..io import atomic_output
 from ..progress import ProgressCallback, report, sub_progress
 from .canny import _canny_points, check_ct_image
 from .surf3d import DEFAULT_SCALE_MM, DESCRIPTOR_SIZE, _surf3d
@@ -82,11 +83,9 @@ class PointCloud:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a compressed ``.npz`` (no pickled objects), written to a temporary file then renamed."""
-        path = os.fspath(path)
-        temporary = path + ".tmp.npz"
-        np.savez_compressed(temporary, version=np.int64(_FILE_VERSION), xyz_lps=self.xyz_lps,
-                            surf_int8=self.surf_int8, surf_scale=self.surf_scale)
-        os.replace(temporary, path)
+        with atomic_output(path, ".npz") as temporary:
+            np.savez_compressed(temporary, version=np.int64(_FILE_VERSION), xyz_lps=self.xyz_lps,
+                                surf_int8=self.surf_int8, surf_scale=self.surf_scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PointCloud":
