@@ -5,22 +5,7 @@ import SimpleITK as sitk
 
 from SCONetLib.geometry import Grid, ObjectFrame, lps_to_ras, ras_to_lps
 
-
-def _rotation(axis, degrees):
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-DIRECTIONS = {
-    "identity": np.eye(3),
-    "flipped_xy": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]]),
-    "oblique": _rotation(2, 17) @ _rotation(0, -8),
-}
+from directions import DIRECTIONS
 
 
 def _image(direction, size=(7, 5, 4), spacing=(0.8, 1.3, 2.5), origin=(-12.5, 40.0, 7.25)):

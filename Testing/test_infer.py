@@ -24,24 +24,10 @@ from SCONetLib.phantom import make_phantom
 from SCONetLib.points import PointCloud
 from SCONetLib.progress import Cancelled
 
+from directions import DIRECTIONS
+
 # ---------------------------------------------------------------------------------------------- helpers / fixtures
 
-
-def _rotation(axis, degrees):
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-DIRECTIONS = {
-    "identity": np.eye(3),
-    "flipped": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]]),
-    "oblique": _rotation(2, 17) @ _rotation(0, -8),
-}
 
 # (label, centre offset from the volume centre (LPS mm), semi-axes (mm)); later entries overwrite earlier ones.
 ELLIPSOIDS = ((1, (-30.0, 5.0, 10.0), (45.0, 35.0, 30.0)), (2, (35.0, 20.0, -10.0), (14.0, 12.0, 22.0)),
@@ -224,7 +210,7 @@ def test_labels_land_in_place_on_the_input_grid(oracle_segmenter, name):
     assert set(np.unique(expected)) == {0, 1, 2, 3, 4}
 
 
-@pytest.mark.parametrize("name, spacing", [("identity", 1.7), ("flipped", (2.0, 1.25, 3.0)),
+@pytest.mark.parametrize("name, spacing", [("identity", 1.7), ("flipped_xy", (2.0, 1.25, 3.0)),
                                            ("oblique", (4.1, 2.2, 2.6)), ("permuted", 6.0)])
 def test_labels_land_in_place_at_another_spacing(oracle_segmenter, name, spacing):
     image = _image(DIRECTIONS[name])

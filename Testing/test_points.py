@@ -10,24 +10,13 @@ from SCONetLib.geometry import Grid, ObjectFrame
 from SCONetLib.points import PointCloud, canny_points, extract_point_cloud, surf3d
 from SCONetLib.progress import Cancelled
 
+from directions import DIRECTIONS as SHARED_DIRECTIONS, rotation
+
 surf3d_module = importlib.import_module("SCONetLib.points.surf3d")   # the package attribute is the function
 
 
-def _rotation(axis, degrees):
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
-DIRECTIONS = {
-    "identity": np.eye(3),
-    "flipped_xy": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]]),
-    "oblique": _rotation(2, 25) @ _rotation(0, 11),
-}
+# A stronger tilt than the shared table's, so that ignoring the rotation is clearly wrong.
+DIRECTIONS = {**SHARED_DIRECTIONS, "oblique": rotation(2, 25) @ rotation(0, 11)}
 
 
 def _image_of(function, direction, centre_lps, size, spacing, dtype=np.int16):
