@@ -167,9 +167,9 @@ def default_weights_path(must_exist: bool = True) -> Path:
     path = Path(__file__).resolve().parent / "weights" / DEFAULT_WEIGHTS_NAME
     if must_exist and not path.is_file():
         raise FileNotFoundError(
-            f"the default SCONet weights are missing: {path}. Train a model on synthetic phantoms with "
-            f"`python -m SCONetLib.train` and save it there with save_checkpoint, or pass the path of another "
-            f"SCONet checkpoint explicitly")
+            f"the default SCONet weights are missing: {path}. Reinstall SCONet, retrain them with "
+            f"`python -m SCONetLib.train --config SCONetLib/configs/phantom_A.yaml --out RUN_DIR` and copy "
+            f"RUN_DIR/model_best.pt there, or pass the path of another SCONet checkpoint explicitly")
     return path
 
 

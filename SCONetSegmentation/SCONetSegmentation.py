@@ -977,8 +977,10 @@ class SCONetSegmentationTest(ScriptedLoadableModuleTest):
 
     #: Phantom seed whose grid is stored with flipped i and j axes and tilted by about 5 degrees.
     PHANTOM_SEED = 10
-    #: Lowest Dice of each organ against the phantom's own labels for the bundled phantom-trained model.
-    MIN_DICE = 0.5
+    #: Lowest Dice of each organ against the phantom's own labels. The bundled phantom-trained model scores
+    #: 0.82 (pancreas) to 0.95 (liver) on this phantom with SCONetLib alone; 0.7 leaves room for platform noise
+    #: while still failing on a misplaced, flipped or missing organ.
+    MIN_DICE = 0.7
 
     def setUp(self):
         slicer.mrmlScene.Clear()

@@ -17,6 +17,7 @@ import torch
 
 from SCONetLib import infer
 from SCONetLib.checkpoint import CheckpointError, default_weights_path, save_checkpoint
+import SCONetLib.checkpoint as checkpoint_module
 from SCONetLib.geometry import Grid, ObjectFrame
 from SCONetLib.infer import Segmenter, resolve_device
 from SCONetLib.model import ModelConfig, SCONet
@@ -394,12 +395,14 @@ def test_missing_and_corrupt_weights(tmp_path):
         Segmenter(weights=corrupt, device="cpu")
 
 
-def test_bundled_weights_or_a_clear_error():
-    if default_weights_path(must_exist=False).is_file():
-        assert Segmenter(device="cpu").weights_path == default_weights_path()
-    else:
-        with pytest.raises(FileNotFoundError, match="default SCONet weights are missing"):
-            Segmenter(device="cpu")
+def test_bundled_weights_load_by_default():
+    assert Segmenter(device="cpu").weights_path == default_weights_path()
+
+
+def test_missing_bundled_weights_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "DEFAULT_WEIGHTS_NAME", "missing.pt")
+    with pytest.raises(FileNotFoundError, match="default SCONet weights are missing"):
+        Segmenter(device="cpu")
 
 
 def test_segment_before_prepare(tiny_checkpoint):
@@ -456,7 +459,6 @@ def test_end_to_end_with_a_checkpoint(tiny_checkpoint, phantom):
     assert _array(labels).max() <= 4
 
 
-@pytest.mark.skipif(not default_weights_path(must_exist=False).is_file(), reason="bundled model not trained yet")
 def test_bundled_model_coarse_to_fine_agrees_with_dense(phantom):
     ct, truth = phantom
     segmenter = Segmenter(device="cpu")

@@ -16,7 +16,8 @@ import SimpleITK as sitk
 import torch
 
 from SCONetLib import demo as demo_module
-from SCONetLib.checkpoint import default_weights_path, save_checkpoint
+from SCONetLib.checkpoint import save_checkpoint
+import SCONetLib.checkpoint as checkpoint_module
 from SCONetLib.demo import make_figure, run_demo
 from SCONetLib.geometry import Grid
 from SCONetLib.io import read_image
@@ -265,8 +266,8 @@ def test_demo_from_the_command_line(tmp_path, weights, monkeypatch, capsys):
     assert "Dice" in printed and "phantom_sconet.png" in printed
 
 
-@pytest.mark.skipif(default_weights_path(must_exist=False).is_file(), reason="bundled model present")
-def test_demo_without_bundled_weights_is_a_clear_error(tmp_path, capsys):
+def test_demo_without_bundled_weights_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "DEFAULT_WEIGHTS_NAME", "missing.pt")
     assert main(["-o", str(tmp_path / "demo")]) == 1
     assert "default SCONet weights are missing" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
