@@ -42,6 +42,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .geometry import Grid, ObjectFrame
+from .io import write_json
 from .labels import NUM_CLASSES
 from .progress import ProgressCallback, report
 
@@ -519,7 +520,7 @@ class PreparedCases:
 
     def write_skipped(self, path) -> Path:
         """Write the skipped cases as JSON (``[{"case_id", "image", "label", "reason"}]``), atomically."""
-        return _write_json(Path(path), self.skipped)
+        return write_json(self.skipped, path)
 
 
 def prepare_cases(cases: Sequence[Case], cache_dir, label_map=None, workers: int = 1,
@@ -631,11 +632,11 @@ def _preprocess_case(case: Case, folder: Path, mapping: dict | None) -> str | No
         np.savez_compressed(tmp / "labels.npz", labels=labels, **_grid_arrays("grid", label_grid),
                             **_grid_arrays("image_grid", image_grid))
         counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
-        _write_json(tmp / "case.json", {
+        write_json({
             "case_id": case.case_id, "image": str(case.image), "label": str(case.label),
             "n_points": int(len(cloud.xyz_lps)), "label_voxels": [int(c) for c in counts],
             "size": list(image_grid.size), "spacing": list(image_grid.spacing),
-            "seconds": round(time.perf_counter() - start, 2), "cache_version": CACHE_VERSION})
+            "seconds": round(time.perf_counter() - start, 2), "cache_version": CACHE_VERSION}, tmp / "case.json")
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -696,18 +697,6 @@ def _safe_name(case_id: str) -> str:
 
 def _skip_record(case: Case, reason: str) -> dict:
     return {"case_id": case.case_id, "image": str(case.image), "label": str(case.label), "reason": reason}
-
-
-def _write_json(path: Path, content) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ============================================================================ samples

@@ -30,13 +30,9 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
-import csv
-import io
-import json
 import logging
 import math
 import resource
-import secrets
 import time
 from pathlib import Path
 from typing import Sequence
@@ -238,7 +234,7 @@ def write_outputs(result: dict, out_dir, settings: dict) -> dict:
              "json": out_dir / "evaluation.json"}
     rows = result["cases"]
     columns = list(rows[0]) if rows else ["case_id"]
-    _write_atomically(paths["cases_csv"], _csv_text(columns, rows))
+    sconet_io.write_csv(rows, paths["cases_csv"], columns)
     summary_rows = []
     if result["summary"] is not None:
         for key, name in METRICS:
@@ -246,12 +242,11 @@ def write_outputs(result: dict, out_dir, settings: dict) -> dict:
                 summary_rows.append({"metric": name, "statistic": statistic,
                                      **{column: result["summary"][key][column][statistic]
                                         for column in ORGAN_NAMES + ("mean",)}})
-    _write_atomically(paths["summary_csv"],
-                      _csv_text(["metric", "statistic", *ORGAN_NAMES, "mean"], summary_rows))
+    sconet_io.write_csv(summary_rows, paths["summary_csv"], ["metric", "statistic", *ORGAN_NAMES, "mean"])
     content = {"settings": settings, "summary": result["summary"], "timing": _timing(rows),
                "table": format_table(result["summary"]) if result["summary"] else None,
                "cases": rows, "skipped": result["skipped"]}
-    _write_atomically(paths["json"], (json.dumps(_json_safe(content), indent=2) + "\n").encode())
+    sconet_io.write_json(_json_safe(content), paths["json"])
     return paths
 
 
@@ -265,14 +260,6 @@ def _timing(rows) -> dict:
     return timing
 
 
-def _csv_text(columns, rows) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
 def _json_safe(value):
     """NaN and infinities become None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -282,17 +269,6 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> Path:
@@ -317,7 +293,7 @@ def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> 
     destination = Path(destination)
     save_checkpoint(destination, model, metadata)
     _, stored = load_checkpoint(destination, "cpu")  # as stored, with the entries save_checkpoint adds
-    _write_atomically(destination.with_suffix(".json"), (json.dumps(stored, indent=2) + "\n").encode())
+    sconet_io.write_json(stored, destination.with_suffix(".json"))
     logger.info("wrote %s and %s", destination, destination.with_suffix(".json"))
     return destination
 

@@ -12,7 +12,9 @@ Supported inputs of :func:`read_image`: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
+import io
 import json
 import logging
 import os
@@ -223,6 +225,22 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp", durable: bool =
         _fsync(path.parent)
 
 
+def remove_partial_outputs(folder: str | os.PathLike) -> list:
+    """Delete the temporary files a killed process left in ``folder`` while inside :func:`atomic_output`.
+
+    Only hidden files named like ``atomic_output``'s temporaries (``.<name>.tmp-<hex>...``) are removed; returns
+    their paths. A missing folder is not an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and re.match(r"^\..+\.tmp-[0-9a-f]{8}", p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted write", path)
+    return stale
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's or a folder's content to disk (folders only where the OS allows opening them)."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
@@ -234,13 +252,28 @@ def _fsync(path: Path) -> None:
             os.close(fd)
 
 
-def write_json(content: dict, path: str | os.PathLike) -> Path:
-    """Write ``content`` as indented UTF-8 JSON to ``path`` atomically; returns the path."""
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_output`); returns the path."""
     path = Path(path)
-    text = json.dumps(content, indent=2) + "\n"
-    with atomic_output(path, ".json") as tmp:
+    with atomic_output(path, path.suffix) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV to ``path`` atomically; ``columns`` defaults to every key, in order of appearance."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(buffer.getvalue(), path)
+
+
+def write_json(content, path: str | os.PathLike) -> Path:
+    """Write ``content`` as indented JSON to ``path`` atomically; returns the path."""
+    return write_text(json.dumps(content, indent=2) + "\n", path)
 
 
 def write_segmentation(labels: sitk.Image, path: str | os.PathLike,

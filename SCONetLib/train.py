@@ -35,14 +35,11 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
-import csv
 import dataclasses
 import datetime
-import io
 import json
 import logging
 import math
-import secrets
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -60,6 +57,7 @@ from SCONetLib.checkpoint import (capture_rng_state, load_training_checkpoint, r
 from SCONetLib.data import (CaseStore, DataConfig, dataset_splits, prepare_cases, sample_input_points,
                             sample_queries, sample_training_example)
 from SCONetLib.infer import resolve_device
+from SCONetLib.io import atomic_output, remove_partial_outputs, write_csv, write_json
 from SCONetLib.labels import CLASS_NAMES
 from SCONetLib.metrics import dice_of_masks
 from SCONetLib.model import ModelConfig, build_model
@@ -383,7 +381,8 @@ class _Run:
                                   f"it or choose another --out folder")
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json(self.out / "config.json", {"config": cfg.to_dict(), "command_line": self.command_line})
+            remove_partial_outputs(self.out)
+            write_json({"config": cfg.to_dict(), "command_line": self.command_line}, self.out / "config.json")
         train_store, val_store = self._prepare_data()
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model).to(self.device)
@@ -430,8 +429,8 @@ class _Run:
         self.data_description = {**description, "skipped": skipped,
                                  "used": {split: [e.case_id for e in used[split]] for split in used}}
         if self.dist.main:
-            _write_json(self.out / "skipped.json", skipped)
-            _write_json(self.out / "data.json", self.data_description)
+            write_json(skipped, self.out / "skipped.json")
+            write_json(self.data_description, self.out / "data.json")
         if not used["train"]:
             raise ValueError(f"no usable training case (dataset {description['root']}, "
                              f"{len(skipped)} skipped: see {self.out / 'skipped.json'})")
@@ -608,7 +607,7 @@ class _Run:
                     state["step_in_epoch"], " (mid-epoch)" if mid_epoch else "")
 
     def _write_logs(self, history: list) -> None:
-        _write_csv(self.out / METRICS_CSV, history)
+        write_csv(history, self.out / METRICS_CSV)
         plot_curves(history, self.out / CURVES_PNG)
         if self.writer is not None:
             row = history[-1]
@@ -637,32 +636,6 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def _write_json(path: Path, content) -> None:
-    _write_atomically(path, (json.dumps(content, indent=2) + "\n").encode())
-
-
-def _write_csv(path: Path, rows: list) -> None:
-    columns = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomically(path, buffer.getvalue().encode())
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ============================================================================ curves (no matplotlib)
 
 #: RGB colours of the curves: train loss, val loss / organ-mean Dice, all-class Dice.
@@ -687,14 +660,8 @@ def plot_curves(history: list, path, width: int = 960, height: int = 400) -> Pat
     _panel(canvas, (0, panel_w), epochs, loss_series, (0.0, loss_top), "loss")
     _panel(canvas, (panel_w, width), epochs, dice_series, (0.0, 1.0), "validation Dice")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}.png")
-    try:
+    with atomic_output(path, ".png") as tmp:
         sitk.WriteImage(sitk.GetImageFromArray(canvas, isVector=True), str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -364,3 +364,25 @@ def test_phantom_labels_as_segmentation(tmp_path, small_phantom_oblique):
     back = sitk.ReadImage(str(path))
     _assert_same_geometry(back, organ_labels, tol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(organ_labels))
+
+
+def test_atomic_output_replaces_only_on_success_and_partial_files_can_be_swept(tmp_path):
+    target = tmp_path / "result.txt"
+    io.write_text("first\n", target)
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_output(target, ".txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
+    # A killed writer leaves its temporary behind: remove_partial_outputs sweeps exactly those.
+    leftover = tmp_path / ".result.txt.tmp-0123abcd.txt"
+    leftover.write_text("half")
+    (tmp_path / ".hidden-but-ours-not").write_text("keep")
+    assert io.remove_partial_outputs(tmp_path) == [leftover]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-ours-not", "result.txt"]
+    assert io.remove_partial_outputs(tmp_path / "missing") == []
+
+
+def test_write_csv_uses_every_key_in_order(tmp_path):
+    path = io.write_csv([{"a": 1, "b": 2}, {"b": 3, "c": 4}], tmp_path / "rows.csv")
+    assert path.read_text().splitlines() == ["a,b,c", "1,2,", ",3,4"]
