@@ -241,7 +241,7 @@ def test_broken_cases_are_skipped_and_reported(dataset, tmp_path, workers):
     assert "no edges" in reasons["Case_flat"]
     assert "cannot read" in reasons["Case_missing"]
     written = result.write_skipped(tmp_path / "skipped.json")
-    assert "Case_bad_file" in written.read_text()
+    assert "Case_bad_file" in written.read_text(encoding="utf-8")
     assert not [p for p in (tmp_path / "cache" / "cases").iterdir() if p.name.startswith(".tmp")]
 
 

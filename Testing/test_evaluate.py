@@ -118,10 +118,10 @@ def test_evaluate_cases_scores_times_and_skips(tmp_path, truth_and_prediction):
     assert (tmp_path / "pred" / "good.nii.gz").is_file()
     assert result["summary"]["dice"]["liver"]["mean"] == pytest.approx(0.8, abs=1e-6)
     paths = evaluate.write_outputs(result, tmp_path / "out", {"note": "test"})
-    content = json.loads(paths["json"].read_text())
+    content = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert content["summary"]["hd"]["spleen"]["mean"] is None  # NaN → null in JSON
     assert content["cases"][0]["case_id"] == "good" and "Dice" in content["table"]
-    assert paths["summary_csv"].read_text().splitlines()[0] == "metric,statistic,liver,kidneys,spleen,pancreas,mean"
+    assert paths["summary_csv"].read_text(encoding="utf-8").splitlines()[0] == "metric,statistic,liver,kidneys,spleen,pancreas,mean"
 
 
 def test_command_line_end_to_end(tmp_path, capsys):
@@ -138,10 +138,10 @@ def test_command_line_end_to_end(tmp_path, capsys):
     assert status == 0
     printed = capsys.readouterr().out
     assert "Dice" in printed and "HD95 (mm)" in printed and "2 case(s), 0 skipped" in printed
-    content = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    content = json.loads((tmp_path / "out" / "evaluation.json").read_text(encoding="utf-8"))
     assert [c["case_id"] for c in content["cases"]] == ["Case_00001", "Case_00002"]
     assert content["settings"]["n_points"] == 2000 and content["timing"]["seconds_inference"]["mean"] > 0
     model, metadata = load_checkpoint(tmp_path / "release.pt")
     assert metadata["evaluation"]["summary"]["dice"]["liver"]["n"] == 2 and "HD95" in metadata["evaluation"]["table"]
-    assert json.loads((tmp_path / "release.json").read_text())["evaluation"]["settings"]["n_points"] == 2000
+    assert json.loads((tmp_path / "release.json").read_text(encoding="utf-8"))["evaluation"]["settings"]["n_points"] == 2000
     assert evaluate.main(["--data", str(tmp_path / "nothing"), "--weights", str(weights)]) == 1

@@ -373,7 +373,7 @@ def test_atomic_output_replaces_only_on_success_and_partial_files_can_be_swept(t
         with io.atomic_output(target, ".txt") as tmp:
             tmp.write_text("half")
             raise RuntimeError("boom")
-    assert target.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
+    assert target.read_text(encoding="utf-8") == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["result.txt"]
     # A killed writer leaves its temporary behind: remove_partial_outputs sweeps exactly those.
     leftover = tmp_path / ".result.txt.tmp-0123abcd.txt"
     leftover.write_text("half")
@@ -385,4 +385,4 @@ def test_atomic_output_replaces_only_on_success_and_partial_files_can_be_swept(t
 
 def test_write_csv_uses_every_key_in_order(tmp_path):
     path = io.write_csv([{"a": 1, "b": 2}, {"b": 3, "c": 4}], tmp_path / "rows.csv")
-    assert path.read_text().splitlines() == ["a,b,c", "1,2,", ",3,4"]
+    assert path.read_text(encoding="utf-8").splitlines() == ["a,b,c", "1,2,", ",3,4"]

@@ -204,7 +204,7 @@ def test_cli_writes_a_readable_dataset(tmp_path):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["dataset.json", "segmentations/Case_00001.nii.gz", "segmentations/Case_00002.nii.gz",
                      "volumes/Case_00001_0000.nii.gz", "volumes/Case_00002_0000.nii.gz"]
-    description = json.loads((out / "dataset.json").read_text())
+    description = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert description["seed"] == 5 and description["n"] == 2
     assert description["labels"] == {"0": "background", "1": "liver", "2": "kidneys", "3": "spleen",
                                      "4": "pancreas"}

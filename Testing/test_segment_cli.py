@@ -87,7 +87,7 @@ def test_nifti_input_default_output_and_sidecar(ct_file, ct, weights, capsys):
     np.testing.assert_allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-6)
     assert sitk.GetArrayViewFromImage(labels).max() <= 4
-    sidecar = json.loads(out.with_name("case_sconet.nii.gz.json").read_text())
+    sidecar = json.loads(out.with_name("case_sconet.nii.gz.json").read_text(encoding="utf-8"))
     assert sidecar["arguments"]["points"] == 300 and sidecar["arguments"]["input"] == str(ct_file)
     assert sidecar["model"]["metadata"]["note"] == "test"
     assert sidecar["model"]["config"]["grid_resolution"] == 32
@@ -165,7 +165,7 @@ def test_segment_file_returns_labels_and_dice(ct, weights, tmp_path):
     assert Grid.of(result.labels) == Grid.of(ct)
     assert set(result.dice) == {"liver", "kidneys", "spleen", "pancreas"}
     assert result.files == [tmp_path / "x.mha", tmp_path / "x.mha.json"]
-    assert json.loads((tmp_path / "x.mha.json").read_text())["dice"] == result.dice
+    assert json.loads((tmp_path / "x.mha.json").read_text(encoding="utf-8"))["dice"] == result.dice
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -257,7 +257,7 @@ def test_demo_from_the_command_line(tmp_path, weights, monkeypatch, capsys):
     assert main(["-o", str(out), "--weights", str(weights), *POINTS]) == 0
     assert _files(out) == ["phantom_ct.nii.gz", "phantom_sconet.nii.gz", "phantom_sconet.nii.gz.json",
                            "phantom_sconet.png", "phantom_truth.nii.gz"]
-    sidecar = json.loads((out / "phantom_sconet.nii.gz.json").read_text())
+    sidecar = json.loads((out / "phantom_sconet.nii.gz.json").read_text(encoding="utf-8"))
     assert sidecar["arguments"]["demo"] is True and set(sidecar["dice"]) == {"liver", "kidneys", "spleen",
                                                                              "pancreas"}
     figure = sitk.ReadImage(str(out / "phantom_sconet.png"))
@@ -309,6 +309,6 @@ def test_progress_bar_draws_on_its_stream():
 
 def test_module_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "SCONetLib.segment", str(tmp_path / "absent.nii.gz")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", timeout=120)
     assert done.returncode == 1
     assert "sconet-segment: error: input does not exist" in done.stderr

@@ -195,7 +195,7 @@ def test_training_learns_to_segment_phantoms(phantom_cache, tmp_path):
 def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if path.exists() and text in path.read_text():
+        if path.exists() and text in path.read_text(encoding="utf-8"):
             return
         if process.poll() is not None:
             raise AssertionError(f"training ended (status {process.returncode}) before logging {text!r}")
@@ -224,7 +224,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_cache, tmp_path):
     assert state["epoch"] == 1 and 1 <= state["step_in_epoch"] < 4, "the kill must land mid-epoch"
     assert len(_csv_rows(tmp_path / "run" / "metrics.csv")) == 1
     resumed = subprocess.run([sys.executable, "-m", "SCONetLib.train", "--config", str(config_path), "--resume"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = _csv_rows(tmp_path / "run" / "metrics.csv")
     reference_rows = _csv_rows(tmp_path / "reference" / "metrics.csv")
@@ -239,7 +239,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_cache, tmp_path):
     load_checkpoint(tmp_path / "run" / "model_best.pt")
     assert not [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
     refused = subprocess.run([sys.executable, "-m", "SCONetLib.train", "--config", str(config_path)], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=120)
+                             env=env, capture_output=True, encoding="utf-8", timeout=120)
     assert refused.returncode == 1 and "--resume" in refused.stderr
 
 
@@ -249,7 +249,7 @@ def test_ddp_with_two_gloo_processes(phantom_cache, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "SCONetLib.train", "--config", str(config_path)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 1 of 2" in result.stderr
     rows = _csv_rows(tmp_path / "run" / "metrics.csv")
@@ -257,17 +257,17 @@ def test_ddp_with_two_gloo_processes(phantom_cache, tmp_path):
     assert math.isfinite(float(rows[0]["val_mean_dice_all"]))
     _, _, state = load_training_checkpoint(tmp_path / "run" / "model_last.pt")
     assert state["world_size"] == 2 and state["epoch"] == 1
-    assert "mid-epoch" in (tmp_path / "run" / "train.log").read_text()
-    assert "[rank 1]" not in (tmp_path / "run" / "train.log").read_text()  # only rank 0 writes the log
+    assert "mid-epoch" in (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "[rank 1]" not in (tmp_path / "run" / "train.log").read_text(encoding="utf-8")  # only rank 0 writes the log
 
 
 def test_script_mode_help_and_exit_status(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, str(REPO / "SCONetLib" / "train.py"), "--", "--help"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout
     result = subprocess.run([sys.executable, str(REPO / "SCONetLib" / "train.py"), "--source", "phantom"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode == 2 and "out_dir" in result.stderr
 
 
@@ -310,9 +310,9 @@ def test_broken_cases_are_skipped_by_training_and_tensorboard_is_fed(tmp_path, m
                                     "n_points": 500, "n_queries": 500, "val_queries": 1000})
     summary = train(config)
     assert summary["global_step"] == 2
-    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text(encoding="utf-8"))
     assert [s["case_id"] for s in skipped] == ["Case_00004"]
-    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    data = json.loads((tmp_path / "run" / "data.json").read_text(encoding="utf-8"))
     assert data["used"] == {"train": ["Case_00001", "Case_00002"], "val": ["Case_00003"]}
     tags = {tag for tag, _, _ in _FakeSummaryWriter.scalars}
     assert {"loss/train_step", "train/loss", "val/loss", "val/mean_dice_organs"} <= tags

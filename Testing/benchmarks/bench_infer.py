@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         _phantom_file(slices, cache)
         command = [sys.executable, __file__, "--worker", str(slices), "--weights", str(weights), "--device",
                    args.device, "--cache", str(cache)] + (["--dense"] if args.dense else [])
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, encoding="utf-8", check=True)
         results["cases"].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(json.dumps(results, indent=2))
     return 0

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     results = []
     for name in ["default"] + (["large"] if args.large else []):
         done = subprocess.run([sys.executable, __file__, "--case", name], check=True, capture_output=True,
-                              text=True, cwd=REPO)
+                              encoding="utf-8", cwd=REPO)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))
     return 0
