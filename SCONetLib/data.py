@@ -41,6 +41,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .config import check_keys
 from .geometry import Grid, ObjectFrame
 from .io import write_json
 from .labels import NUM_CLASSES
@@ -157,13 +158,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: Mapping) -> "DataConfig":
         """Config from a ``data:`` mapping; unknown keys raise ``ValueError`` naming them."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"the data section must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data keys {unknown}; expected a subset of {sorted(known)}")
-        values = dict(values)
+        values = check_keys(values, (f.name for f in dataclasses.fields(cls)), "data")
         if "phantom" in values:
             values["phantom"] = {**DEFAULT_PHANTOM_SPLITS, **dict(values["phantom"] or {})}
         return cls(**values)
@@ -178,12 +173,8 @@ class DataConfig:
 def _check_phantom_section(section) -> None:
     from .phantom import make_phantom
 
-    if not isinstance(section, Mapping):
-        raise ValueError(f"data.phantom must be a mapping, got {section!r}")
     allowed = set(_PHANTOM_SPLIT_KEYS) | (set(inspect.signature(make_phantom).parameters) - {"seed", "progress"})
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise ValueError(f"unknown data.phantom keys {unknown}; expected a subset of {sorted(allowed)}")
+    check_keys(section, allowed, "data.phantom")
     for key in _PHANTOM_SPLIT_KEYS:
         value = section.get(key)
         minimum = 1 if key == "n_train" else 0

@@ -56,6 +56,7 @@ from SCONetLib.checkpoint import (capture_rng_state, load_training_checkpoint, r
                                   save_checkpoint)
 from SCONetLib.data import (CaseStore, DataConfig, dataset_splits, prepare_cases, sample_input_points,
                             sample_queries, sample_training_example)
+from SCONetLib.config import check_keys
 from SCONetLib.infer import resolve_device
 from SCONetLib.io import atomic_output, remove_partial_outputs, write_csv, write_json
 from SCONetLib.labels import CLASS_NAMES
@@ -185,13 +186,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping) -> "TrainConfig":
         """Config from a mapping (a parsed YAML); unknown keys at any level raise ``ValueError``."""
-        if not isinstance(values, Mapping):
-            raise TypeError(f"a training config must be a mapping of keys to values, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; expected a subset of {sorted(known)}")
-        values = dict(values)
+        values = check_keys(values, (f.name for f in dataclasses.fields(cls)), "training config")
         values["data"] = DataConfig.from_dict(values.get("data") or {})
         model = values.get("model", "A")
         values["model"] = ModelConfig.preset(model) if isinstance(model, str) else ModelConfig.from_dict(model or {})

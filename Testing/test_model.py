@@ -314,7 +314,7 @@ def test_config_round_trip_and_presets():
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: ModelConfig.from_dict({"grid_resoluton": 32}), ValueError, r"unknown ModelConfig keys \['grid_reso"),
-    (lambda: ModelConfig.from_dict([("grid_resolution", 32)]), TypeError, "expects a mapping"),
+    (lambda: ModelConfig.from_dict([("grid_resolution", 32)]), TypeError, "ModelConfig must be a mapping"),
     (lambda: ModelConfig(grid_resolution=30), ValueError, "multiple of 4"),
     (lambda: ModelConfig(grid_resolution=0), ValueError, "grid_resolution must be a positive integer"),
     (lambda: ModelConfig(grid_resolution=32.0), ValueError, "grid_resolution must be a positive integer"),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import check_keys
 from ..geometry import DEFAULT_PADDING, DEFAULT_SCALE_MM
 from .decoder import LocalDecoder
 from .encoder import SURF_FEATURES, PointNetEncoder
@@ -97,13 +98,7 @@ class ModelConfig:
         ValueError
             If ``values`` has a key that is not a field (a typo must not be silently ignored), or a bad value.
         """
-        if not isinstance(values, Mapping):
-            raise TypeError(f"ModelConfig.from_dict expects a mapping, got {type(values).__name__}")
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**values)
+        return cls(**check_keys(values, (field.name for field in dataclasses.fields(cls)), "ModelConfig"))
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
