@@ -35,6 +35,18 @@ def lps_to_ras(xyz: np.ndarray) -> np.ndarray:
 ras_to_lps = lps_to_ras
 
 
+def spacing_mm(spacing) -> np.ndarray:
+    """(3,) float64 spacing (mm, i/j/k) from one or three positive finite numbers; ``ValueError`` otherwise."""
+    try:
+        values = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or isinstance(spacing, (bool, str, bytes)) or values.size not in (1, 3) \
+            or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"spacing must be one or three positive finite numbers (mm), got {spacing!r}")
+    return np.broadcast_to(values, (3,)).copy()
+
+
 @dataclass(frozen=True)
 class Grid:
     """Voxel grid with its physical placement, in SimpleITK's LPS convention.
@@ -115,15 +127,18 @@ class Grid:
         kept, the size along each axis is ``max(1, round(extent / spacing))``, so the box changes by less than half
         a new voxel at the high end. The new origin is ``corner + D · spacing / 2``.
         """
-        new = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
-        if not np.all(np.isfinite(new)) or np.any(new <= 0):
-            raise ValueError(f"spacing must be one or three positive numbers (mm), got {spacing!r}")
+        new = spacing_mm(spacing)
         old = np.asarray(self.spacing)
-        size = np.maximum(1, np.round(self.extent_mm / new)).astype(int)
+        size = self.size_at(new).astype(int)
         d = self.direction_matrix
         origin = np.asarray(self.origin) + d @ ((new - old) / 2.0)
         return Grid(tuple(int(s) for s in size), tuple(float(s) for s in new), tuple(float(o) for o in origin),
                     self.direction)
+
+    def size_at(self, spacing) -> np.ndarray:
+        """(3,) float64 voxel counts of :meth:`with_spacing` at ``spacing``, computed in floating point so that a
+        budget can be checked before any integer size (or array) is made, even for absurdly small spacings."""
+        return np.maximum(1.0, np.round(self.extent_mm / spacing_mm(spacing)))
 
     def voxel_count(self) -> int:
         return int(np.prod(np.asarray(self.size, dtype=np.int64)))

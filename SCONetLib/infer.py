@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from .checkpoint import default_weights_path, load_checkpoint
-from .geometry import Grid, ObjectFrame
+from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS
@@ -413,10 +413,9 @@ def output_grid(grid: Grid, spacing=None, bytes_per_voxel: int = SEGMENT_BYTES_P
     if spacing is None:
         _check_budget(np.asarray(grid.size, dtype=np.float64), bytes_per_voxel, "the input grid")
         return grid
-    spacing_mm = _as_spacing(spacing)
-    size = np.maximum(1.0, np.round(grid.extent_mm / spacing_mm))   # in float: no overflow for tiny spacings
-    _check_budget(size, bytes_per_voxel, f"spacing {tuple(float(s) for s in spacing_mm)} mm")
-    return grid.with_spacing(spacing_mm)
+    spacing = spacing_mm(spacing)
+    _check_budget(grid.size_at(spacing), bytes_per_voxel, f"spacing {tuple(float(s) for s in spacing)} mm")
+    return grid.with_spacing(spacing)
 
 
 def _stride_levels(spacing_mm, cell_mm: float) -> list[tuple]:
@@ -471,18 +470,6 @@ def _refine(labels: np.ndarray, axes: list, new_axes: list) -> tuple[np.ndarray,
     on_old = [np.isin(new, old) for old, new in zip(axes, new_axes)]
     need &= ~(on_old[0][:, None, None] & on_old[1][None, :, None] & on_old[2][None, None, :])
     return new_labels, need
-
-
-def _as_spacing(spacing) -> np.ndarray:
-    """(3,) float64 spacing (mm, i/j/k) from one or three positive finite numbers; ``ValueError`` otherwise."""
-    try:
-        values = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        values = None
-    if values is None or isinstance(spacing, (bool, str, bytes)) or values.size not in (1, 3) \
-            or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"spacing must be one or three positive finite numbers (mm), got {spacing!r}")
-    return np.broadcast_to(values, (3,)).copy()
 
 
 def _check_budget(size: np.ndarray, bytes_per_voxel: int, what: str) -> None:

@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from SCONetLib import __version__
 from SCONetLib import io as sconet_io
 from SCONetLib import labels as organ_table
-from SCONetLib.geometry import Grid
+from SCONetLib.geometry import Grid, spacing_mm
 from SCONetLib.io import write_json
 from SCONetLib.progress import ProgressCallback, report, sub_progress
 
@@ -171,15 +171,7 @@ def _check_size(size) -> tuple:
 
 
 def _check_spacing(spacing):
-    if spacing is None:
-        return None
-    try:
-        values = np.asarray(spacing, dtype=np.float64)
-    except (TypeError, ValueError):
-        values = np.array([np.nan])
-    if values.ndim > 1 or values.size not in (1, 3) or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"spacing must be None or one or three positive numbers (mm), got {spacing!r}")
-    return tuple(float(v) for v in np.broadcast_to(values.ravel(), (3,)))
+    return None if spacing is None else tuple(float(v) for v in spacing_mm(spacing))
 
 
 # --------------------------------------------------------------------------------------------------------------

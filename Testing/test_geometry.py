@@ -73,7 +73,7 @@ def test_with_spacing_keeps_box_and_direction(name):
 @pytest.mark.parametrize("bad", [0, -1.0, (1.0, 0.0, 2.5), float("nan"), float("inf")])
 def test_with_spacing_rejects_bad_spacing(bad):
     grid = Grid.of(_image(np.eye(3)))
-    with pytest.raises(ValueError, match="spacing must be one or three positive numbers"):
+    with pytest.raises(ValueError, match="spacing must be one or three positive finite numbers"):
         grid.with_spacing(bad)
 
 

@@ -185,9 +185,9 @@ def test_progress_and_cancel():
     ({"size": (4, 64, None)}, r"size must be \(nx, ny, nz\) .* got \(4, 64, None\)"),
     ({"size": (64, 64)}, r"size must be \(nx, ny, nz\)"),
     ({"size": (64, 64, 1)}, r"nz an integer >= 2 or None, got \(64, 64, 1\)"),
-    ({"spacing": (1.0, 0.0, 1.0)}, r"spacing must be None or one or three positive numbers \(mm\), got \(1.0, 0.0"),
-    ({"spacing": (1.0, 2.0)}, "spacing must be None or one or three positive numbers"),
-    ({"spacing": "thin"}, "spacing must be None or one or three positive numbers"),
+    ({"spacing": (1.0, 0.0, 1.0)}, r"spacing must be one or three positive finite numbers \(mm\), got \(1.0, 0.0"),
+    ({"spacing": (1.0, 2.0)}, "spacing must be one or three positive finite numbers"),
+    ({"spacing": "thin"}, "spacing must be one or three positive finite numbers"),
     ({"blur_voxels": 1.5}, r"blur_voxels must be a number in \[0, 0.8\] \(voxels\), got 1.5"),
     ({"noise_hu": -3.0}, r"noise_hu must be None or a number >= 0 \(HU\), got -3.0"),
 ])
