@@ -116,7 +116,11 @@ class DataConfig:
     phantom : dict
         For ``source="phantom"``: ``n_train``, ``n_val``, ``n_test`` (cases per split), ``seed`` (seed of the
         first case) and any keyword argument of :func:`SCONetLib.phantom.make_phantom` (``size``, ``spacing``,
-        ``random_orientation``, ``noise_hu``, ``blur_voxels``).
+        ``random_orientation``, ``noise_hu``, ``blur_voxels``, ``version``, ``max_slices``).
+    stream : dict or None
+        For ``source="phantom"``: train on an unlimited stream of distinct phantoms generated while training runs
+        (:class:`PhantomStream`; keys :data:`STREAM_DEFAULTS`) instead of the ``n_train`` fixed ones, which may
+        then be 0. Validation and test phantoms still come from ``phantom``.
     """
 
     source: str = "abdomenct1k"
@@ -130,6 +134,7 @@ class DataConfig:
     workers: int = 1
     memory_cache_mb: int = 2048
     phantom: dict = field(default_factory=lambda: dict(DEFAULT_PHANTOM_SPLITS))
+    stream: dict | None = None
 
     def __post_init__(self):
         if self.source not in ("abdomenct1k", "folder", "phantom"):
@@ -152,8 +157,12 @@ class DataConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "workers" else 0):
                 raise ValueError(f"data.{name} must be an integer >= {1 if name == 'workers' else 0}, "
                                  f"got {value!r}")
+        if self.stream is not None:
+            if self.source != "phantom":
+                raise ValueError(f"data.stream needs data.source='phantom', got {self.source!r}")
+            object.__setattr__(self, "stream", _check_stream_section(self.stream))
         if self.source == "phantom":
-            _check_phantom_section(self.phantom)
+            _check_phantom_section(self.phantom, streamed=self.stream is not None)
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "DataConfig":
@@ -170,16 +179,42 @@ class DataConfig:
         return json.loads(json.dumps(out))
 
 
-def _check_phantom_section(section) -> None:
+def _check_phantom_section(section, streamed: bool = False) -> None:
     from .phantom import make_phantom
 
     allowed = set(_PHANTOM_SPLIT_KEYS) | (set(inspect.signature(make_phantom).parameters) - {"seed", "progress"})
     check_keys(section, allowed, "data.phantom")
     for key in _PHANTOM_SPLIT_KEYS:
         value = section.get(key)
-        minimum = 1 if key == "n_train" else 0
+        minimum = 1 if key == "n_train" and not streamed else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"data.phantom.{key} must be an integer >= {minimum}, got {value!r}")
+
+
+#: Keys of the ``data.stream`` section and their defaults (see :class:`PhantomStream`).
+STREAM_DEFAULTS = {"seed": 1_000_000, "per_epoch": 16, "reuse": 2, "version": 2, "v1_fraction": 0.0,
+                   "size": [128, 320],
+                   "aspect": [0.75, 1.0], "max_slices": 120, "surf_points": 40_000, "random_orientation": True}
+
+
+def _check_stream_section(section) -> dict:
+    """The ``data.stream`` section with defaults filled in; ``ValueError`` naming a bad key or value."""
+    values = {**STREAM_DEFAULTS, **check_keys(section or {}, STREAM_DEFAULTS, "data.stream")}
+    for key in ("seed", "per_epoch", "reuse", "max_slices", "surf_points"):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+            raise ValueError(f"data.stream.{key} must be an integer >= {0 if key == 'seed' else 1}, got {value!r}")
+    if values["version"] not in (1, 2) or not (isinstance(values["v1_fraction"], (int, float))
+                                               and 0 <= values["v1_fraction"] <= 1):
+        raise ValueError(f"data.stream.version must be 1 or 2 and v1_fraction a number in [0, 1], got "
+                         f"{values['version']!r}, {values['v1_fraction']!r}")
+    size, aspect = values["size"], values["aspect"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)
+            and 16 <= size[0] <= size[1]):
+        raise ValueError(f"data.stream.size must be [low, high] in-plane voxel counts, 16 <= low <= high, got {size!r}")
+    if not (isinstance(aspect, (list, tuple)) and len(aspect) == 2 and 0 < aspect[0] <= aspect[1] <= 1):
+        raise ValueError(f"data.stream.aspect must be [low, high] with 0 < low <= high <= 1, got {aspect!r}")
+    return json.loads(json.dumps(values))
 
 
 # ============================================================================ label maps
@@ -428,7 +463,7 @@ def phantom_dataset(cache_dir, section: Mapping, progress: ProgressCallback | No
     """
     from .phantom import write_dataset
 
-    _check_phantom_section(section)
+    _check_phantom_section(section, streamed=True)  # n_train may be 0 here; DataConfig checks it
     section = json.loads(json.dumps(dict(section)))
     key = _hash({"phantoms": section, "version": __version__})[:16]
     final = Path(cache_dir) / "phantoms" / key
@@ -856,3 +891,121 @@ def sample_training_example(case: CaseData, n_points: int, n_queries: int, rng: 
         points[:, :3] = points[:, :3] @ matrix + shift
         queries = queries @ matrix + shift
     return points, queries.astype(np.float32), targets
+
+
+# ============================================================================ phantom stream
+
+class PhantomStream:
+    """Training cases generated on the fly: an unlimited, seeded stream of distinct phantoms.
+
+    Phantom ``k`` of the stream is ``make_phantom(seed + k, version=v, size=(nx, ny, None),
+    max_slices=max_slices)`` with ``nx`` drawn in ``size`` and ``ny = round(nx · a)``, ``a`` drawn in ``aspect``,
+    and ``v`` = 1 with probability ``v1_fraction``, else ``version`` (all from
+    ``numpy.random.default_rng([seed, k])``), followed by its point cloud (``surf_points`` edge points with
+    SURF, drawn with replacement). Epoch ``e`` uses phantoms ``e · per_epoch`` … ``(e + 1) · per_epoch - 1``,
+    each ``reuse`` times (``len(stream) = per_epoch · reuse`` steps; index ``i`` is phantom ``i mod per_epoch``
+    of the epoch), so the data of every step depends only on the seeds: a resumed run sees the same phantoms.
+
+    Worker processes build the current and the next epoch's phantoms while training consumes them
+    (:meth:`set_epoch`, as ``torch.utils.data.DistributedSampler``); :attr:`throughput` reports phantoms/s.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, section: Mapping, scale_mm: float, workers: int = 1):
+        self.section = _check_stream_section(section)
+        self.scale_mm = float(scale_mm)
+        self.workers = int(workers)
+        self.epoch = None
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._ready: dict[int, CaseData] = {}
+        self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, initializer=_init_worker)
+        self._started = time.perf_counter()
+        self.generated = 0
+        self.worker_seconds = 0.0
+
+    def __len__(self) -> int:
+        return self.section["per_epoch"] * self.section["reuse"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (pending phantoms are abandoned)."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def phantom_index(self, epoch: int, index: int) -> int:
+        """Stream index of the phantom used at position ``index`` of epoch ``epoch``."""
+        return epoch * self.section["per_epoch"] + index % self.section["per_epoch"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make epoch ``epoch`` current: drop older phantoms, queue this epoch's and the next one's."""
+        self.epoch = int(epoch)
+        per = self.section["per_epoch"]
+        keep = range(epoch * per, (epoch + 2) * per)
+        for k in [k for k in self._ready if k not in keep]:
+            del self._ready[k]
+        for k in [k for k in self._pending if k not in keep]:
+            self._pending.pop(k).cancel()
+        for k in keep:
+            if k not in self._ready and k not in self._pending:
+                self._pending[k] = self._pool.submit(_stream_phantom, self.section, k)
+
+    def __getitem__(self, index: int) -> CaseData:
+        if self.epoch is None:
+            raise RuntimeError("call set_epoch(epoch) before reading a PhantomStream")
+        k = self.phantom_index(self.epoch, index)
+        if k not in self._ready:
+            if k not in self._pending:
+                self._pending[k] = self._pool.submit(_stream_phantom, self.section, k)
+            wait = time.perf_counter()
+            cloud, labels, label_grid, seconds = self._pending.pop(k).result()
+            waited = time.perf_counter() - wait
+            if waited > 1.0:
+                logger.info("waited %.1f s for stream phantom %d (generation is slower than training)", waited, k)
+            self.generated += 1
+            self.worker_seconds += seconds
+            self._ready[k] = CaseData(f"stream_{k:07d}", cloud, labels, label_grid,
+                                      ObjectFrame.of(label_grid, self.scale_mm))
+        return self._ready[k]
+
+    @property
+    def throughput(self) -> dict:
+        """Phantoms generated so far, per wall-clock second since start and per worker-second."""
+        wall = time.perf_counter() - self._started
+        return {"phantoms": self.generated, "phantoms_per_s": round(self.generated / max(wall, 1e-9), 4),
+                "seconds_per_phantom_per_worker": round(self.worker_seconds / max(1, self.generated), 2),
+                "workers": self.workers}
+
+    def describe(self, epochs_done: int) -> dict:
+        """Record of the stream for a checkpoint: settings, generator version and phantoms seen."""
+        per = self.section["per_epoch"]
+        return {"generator": "SCONetLib.phantom.make_phantom", **self.section,
+                "phantoms_seen": epochs_done * per,
+                "seed_range": [self.section["seed"], self.section["seed"] + max(0, epochs_done * per - 1)]}
+
+
+def stream_phantom_draw(section: Mapping, k: int) -> tuple:
+    """(size, seed, version) of phantom ``k`` of a stream: ``size = (nx, ny, None)``."""
+    rng = np.random.default_rng([section["seed"], k])
+    nx = int(rng.integers(section["size"][0], section["size"][1] + 1))
+    ny = max(16, int(round(nx * rng.uniform(*section["aspect"]))))
+    version = 1 if rng.random() < section["v1_fraction"] else section["version"]
+    return (nx, ny, None), section["seed"] + k, version
+
+
+def _stream_phantom(section: Mapping, k: int):
+    """Worker: phantom ``k`` of the stream and its point cloud → (cloud, labels (K, J, I) uint8, grid, seconds)."""
+    from .phantom import make_phantom
+    from .points import extract_point_cloud
+
+    start = time.perf_counter()
+    size, seed, version = stream_phantom_draw(section, k)
+    ct, labels = make_phantom(seed, size=size, version=version, max_slices=section["max_slices"],
+                              random_orientation=section["random_orientation"])
+    cloud = extract_point_cloud(ct, n_points=section["surf_points"], seed=seed)
+    return cloud, sitk.GetArrayFromImage(labels), Grid.of(labels), time.perf_counter() - start

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from SCONetLib.checkpoint import (capture_rng_state, load_training_checkpoint, restore_rng_state,
+from SCONetLib.checkpoint import (capture_rng_state, load_checkpoint, load_training_checkpoint, restore_rng_state,
                                   save_checkpoint)
-from SCONetLib.data import (CaseStore, DataConfig, dataset_splits, prepare_cases, sample_input_points,
+from SCONetLib.data import (CaseStore, DataConfig, PhantomStream, dataset_splits, prepare_cases, sample_input_points,
                             sample_queries, sample_training_example)
 from SCONetLib.config import check_keys
 from SCONetLib.infer import resolve_device
@@ -124,6 +124,8 @@ class TrainConfig:
         Steps between mid-epoch saves of ``model_last.pt`` (it is also saved at the end of every epoch).
     tensorboard : bool
         Write TensorBoard logs when ``torch.utils.tensorboard`` can be imported.
+    init_weights : str or None
+        Checkpoint whose weights start a new run (fine-tuning; same model settings); ``--resume`` ignores it.
     """
 
     out_dir: str | None = None
@@ -148,6 +150,7 @@ class TrainConfig:
     select_on: str = "organs"
     checkpoint_every: int = 50
     tensorboard: bool = True
+    init_weights: str | None = None
 
     def __post_init__(self):
         if not self.out_dir:
@@ -386,6 +389,13 @@ class _Run:
         if resume and not last_path.exists():
             logger.info("--resume: %s has no %s yet, starting a new run", self.out, LAST)
         state = self._initial_state(model, optimizer, last_path if resume and last_path.exists() else None)
+        if cfg.init_weights and state["global_step"] == 0:
+            start, _ = load_checkpoint(cfg.init_weights, "cpu")
+            if start.config != cfg.model:
+                raise ValueError(f"init_weights {cfg.init_weights} holds a model with config "
+                                 f"{start.config.to_dict()}, not {cfg.model.to_dict()}")
+            model.load_state_dict(start.state_dict())
+            logger.info("initial weights from %s", cfg.init_weights)
         net = model
         if self.dist.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
@@ -398,6 +408,8 @@ class _Run:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            if isinstance(train_store, PhantomStream):
+                train_store.close()
         best = state["best_metric"]
         summary = {"epochs": state["epoch"], "global_step": state["global_step"],
                    "best_epoch": state["best_epoch"], "best_metric": best, "selection": SELECTION_KEYS[cfg.select_on],
@@ -416,6 +428,10 @@ class _Run:
                 result = prepare_cases(splits["train"] + splits["val"], self.cache_dir, cfg.data.label_map,
                                        workers=cfg.data.workers, progress=self.progress)
             self.dist.barrier()
+        self.stream = None
+        if cfg.data.stream is not None:
+            self.stream = PhantomStream(cfg.data.stream, cfg.model.scale_mm, cfg.data.workers)
+            logger.info("training on a stream of phantoms: %s", json.dumps(self.stream.section))
         ready = {entry.case_id: entry for entry in result.entries}
         used = {split: [ready[c.case_id] for c in splits[split] if c.case_id in ready] for split in ("train", "val")}
         logger.info("%d training and %d validation case(s) ready (%d preprocessed now), %d skipped",
@@ -426,14 +442,14 @@ class _Run:
         if self.dist.main:
             write_json(skipped, self.out / "skipped.json")
             write_json(self.data_description, self.out / "data.json")
-        if not used["train"]:
+        if not used["train"] and self.stream is None:
             raise ValueError(f"no usable training case (dataset {description['root']}, "
                              f"{len(skipped)} skipped: see {self.out / 'skipped.json'})")
         if not used["val"]:
             logger.warning("no validation case: the best checkpoint is selected on the training loss")
         scale = cfg.model.scale_mm
-        return (CaseStore(used["train"], scale, cfg.data.memory_cache_mb),
-                CaseStore(used["val"], scale, cfg.data.memory_cache_mb))
+        train_store = self.stream or CaseStore(used["train"], scale, cfg.data.memory_cache_mb)
+        return train_store, CaseStore(used["val"], scale, cfg.data.memory_cache_mb)
 
     def _initial_state(self, model, optimizer, checkpoint: Path | None) -> dict:
         state = {"epoch": 0, "step_in_epoch": 0, "permutation": None, "global_step": 0, "world_size": self.dist.world,
@@ -478,6 +494,8 @@ class _Run:
                 state["permutation"] = [int(i) for i in
                                         np.random.default_rng([cfg.seed, epoch]).permutation(len(train_store))]
             mine = _rank_cases(state["permutation"], dist)
+            if isinstance(train_store, PhantomStream):
+                train_store.set_epoch(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate(epoch)
             epoch_start = time.perf_counter()
@@ -539,6 +557,8 @@ class _Run:
                 self._save_last(model, optimizer, state, mid_epoch=False)
                 self._write_logs(state["history"])
             logger.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, _format_row(row), " (best)" if improved else "")
+            if isinstance(train_store, PhantomStream):
+                logger.info("phantom stream: %s", json.dumps(train_store.throughput))
             dist.barrier()
 
     def _validate(self, model, store: CaseStore, in_features: int) -> dict:
@@ -583,6 +603,7 @@ class _Run:
                                   "selection": SELECTION_KEYS[cfg.select_on],
                                   "metrics": state["history"][-1] if state["history"] else None,
                                   "elapsed_seconds": round(state["elapsed_seconds"], 1)},
+            "training_stream": self.stream.describe(state["epoch"]) if self.stream is not None else None,
             "points": {"n_points": cfg.n_points, "sampling": "uniform with replacement from all Canny edge points",
                        "surf": "int8 per column, per volume (reference)"},
         }
@@ -752,7 +773,7 @@ _FLAG_KEYS = {
     "epochs": "epochs", "points": "n_points", "queries": "n_queries", "lr": "lr", "weight_decay": "weight_decay",
     "augment_sigma": "augment_sigma", "organ_fraction": "organ_fraction", "seed": "seed", "device": "device",
     "threads": "threads", "val_queries": "val_queries", "checkpoint_every": "checkpoint_every",
-    "select_on": "select_on",
+    "select_on": "select_on", "init_weights": "init_weights",
 }
 
 
@@ -788,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val-queries", type=int, help="query voxels per validation case [val_queries]")
     add("--checkpoint-every", type=int, help="steps between mid-epoch checkpoints [checkpoint_every]")
     add("--select-on", choices=sorted(SELECTION_KEYS), help="best-checkpoint metric [select_on]")
+    add("--init-weights", help="checkpoint whose weights start a new run [init_weights]")
     return parser
 
 

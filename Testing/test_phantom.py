@@ -210,11 +210,12 @@ def test_cli_writes_a_readable_dataset(tmp_path):
                                      "4": "pancreas"}
     assert [case["seed"] for case in description["cases"]] == [5, 6]
     assert description["phantom_kwargs"] == {"size": [40, 40, None], "spacing": [8.0, 8.0, 6.0],
-                                             "random_orientation": True}
+                                             "random_orientation": True, "version": 2}
+    assert description["generator_version"] == 2 and description["cases"][0]["parameters"]["phase"] in phantom.PHASES
     case = description["cases"][1]
     ct, labels = io.read_image(out / case["image"]), io.read_image(out / case["label"])
     assert Grid.of(ct) == Grid.of(labels) and list(ct.GetSize()) == case["size"]
-    expected_ct, expected_labels = phantom.make_phantom(6, size=(40, 40, None), spacing=(8.0, 8.0, 6.0))
+    expected_ct, expected_labels = phantom.make_phantom(6, size=(40, 40, None), spacing=(8.0, 8.0, 6.0), version=2)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(expected_ct))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(expected_labels))
     np.testing.assert_allclose(ct.GetOrigin(), expected_ct.GetOrigin(), atol=1e-4)
