@@ -38,6 +38,7 @@ from SCONetLib import labels as organ_table
 from SCONetLib.geometry import Grid, spacing_mm
 from SCONetLib.io import write_json
 from SCONetLib.progress import ProgressCallback, report, sub_progress
+from SCONetLib.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def make_phantom(seed: int, size=(DEFAULT_SIZE, DEFAULT_SIZE, None), spacing=Non
     centred on the organs) and the whole of every organ when it is at least 280 mm; between, it reaches as far
     beyond the organ centres as the coverage allows. A 512 × 512 × 100 phantom takes about 1.5 s on one core.
     """
-    seed = _check_seed(seed)
+    seed = check_int("seed", seed, 0)
     size = _check_size(size)
     spacing = _check_spacing(spacing)
     if not 0 <= blur_voxels <= MAX_BLUR_VOXELS:
@@ -148,12 +149,6 @@ def _blur3(volume: np.ndarray, sigma: float) -> None:
         nb *= w
         v *= np.float32(1.0) - 2 * w
         v += nb
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
 
 
 def _check_size(size) -> tuple:
@@ -855,9 +850,8 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
     -------
     dict, the content of ``dataset.json``.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    seed = _check_seed(seed)
+    check_int("n", n)
+    seed = check_int("seed", seed, 0)
     out_dir = Path(out_dir)
     cases = []
     for k in range(1, n + 1):
@@ -875,22 +869,13 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
     description = {
         "name": "SCONet synthetic abdominal CT phantoms",
         "generator": "SCONetLib.phantom.make_phantom", "sconet_version": __version__,
-        "seed": seed, "n": n, "phantom_kwargs": {k: _jsonable(v) for k, v in phantom_kwargs.items()},
+        "seed": seed, "n": n, "phantom_kwargs": sconet_io.jsonable(phantom_kwargs),
         "labels": {str(i): name for i, name in enumerate(organ_table.CLASS_NAMES)},
         "cases": cases,
     }
     write_json(description, out_dir / "dataset.json")
     report(progress, 1.0, f"wrote {n} phantoms to {out_dir}")
     return description
-
-
-def _jsonable(value):
-    """``value`` with tuples as lists and numpy scalars as Python numbers, for ``json.dumps``."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,6 @@ The golden set (``shared/golden/surf3d``) holds two synthetic CT volumes and, fo
 computed by the original C++ tool with SCONet's options. Points are given in RAS world mm; we read the NIfTI files
 with SimpleITK (LPS, true direction) and pass ``points_world · (-1, -1, 1)``.
 """
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import SimpleITK as sitk
 from SCONetLib.geometry import ras_to_lps
 from SCONetLib.points import surf3d
 
-surf3d_module = importlib.import_module("SCONetLib.points.surf3d")   # the package attribute is the function
+from SCONetLib.points import surf as surf3d_module
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "surf3d"
 VOLUMES = ["a", "b"]
