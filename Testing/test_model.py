@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from SCONetLib.model import (MODEL_PRESETS, SCONet, ModelConfig, build_model, cell_index, load_reference_state_dict,
                              normalize_to_unit_cube)
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "sconet_forward_A.npz"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "sconet_forward_A.npz"
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
-"""Parity of SCONetLib.points.surf3d with the original vtkOpenSURF3D ``surf3d`` tool (golden vectors).
+"""Parity of SCONetLib.points.surf3d (module SCONetLib.points.surf) with the original vtkOpenSURF3D ``surf3d`` tool (golden vectors).
 
-The golden set (``shared/golden/surf3d``) holds two synthetic CT volumes and, for 500 points each, the descriptors
-computed by the original C++ tool with SCONet's options. Points are given in RAS world mm; we read the NIfTI files
-with SimpleITK (LPS, true direction) and pass ``points_world · (-1, -1, 1)``.
+The golden set (``Testing/data/golden/surf3d``, see ``Testing/data/README.md``) holds two synthetic CT volumes and,
+for 500 points each, the descriptors computed by the original C++ tool with SCONet's options. Points are given in
+RAS world mm; we read the NIfTI files with SimpleITK (LPS, true direction) and pass ``points_world · (-1, -1, 1)``.
 """
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from SCONetLib.points import surf3d
 
 from SCONetLib.points import surf as surf3d_module
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "surf3d"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "surf3d"
 VOLUMES = ["a", "b"]
 #: Required by the golden README: per point, max |diff| ≤ 1e-3 · max |reference|.
 TOLERANCE = 1e-3

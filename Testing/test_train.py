@@ -172,6 +172,7 @@ def _csv_rows(path: Path) -> list:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 def test_training_learns_to_segment_phantoms(phantom_cache, tmp_path):
     """The untrained network finds no organ (Dice ~0); after 160 steps on 4 phantoms the held-out phantom's
     validation organ Dice (0.5-thresholded softmax, mean of the 4 organs) exceeds 0.5: organs are localised and
