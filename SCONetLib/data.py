@@ -41,9 +41,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .config import check_keys
+from .validate import check_int, check_keys, check_number
 from .geometry import Grid, ObjectFrame
-from .io import write_json
+from .io import image_stem, write_json
 from .labels import NUM_CLASSES
 from .progress import ProgressCallback, report
 
@@ -73,8 +73,6 @@ LAYOUTS = {
 }
 #: Fractions of the seeded split used when a dataset has no list files.
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
-#: Image file name endings stripped from list entries.
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Keys of the ``phantom`` section of :class:`DataConfig` besides make_phantom's own keyword arguments.
 _PHANTOM_SPLIT_KEYS = ("n_train", "n_val", "n_test", "seed")
 #: Their defaults.
@@ -152,11 +150,8 @@ class DataConfig:
             raise ValueError(f"data.split_fractions must be 3 numbers >= 0 summing to 1 (train, val, test), "
                              f"got {self.split_fractions!r}")
         object.__setattr__(self, "split_fractions", tuple(float(f) for f in fractions))
-        for name in ("workers", "memory_cache_mb"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "workers" else 0):
-                raise ValueError(f"data.{name} must be an integer >= {1 if name == 'workers' else 0}, "
-                                 f"got {value!r}")
+        check_int("data.workers", self.workers, 1)
+        check_int("data.memory_cache_mb", self.memory_cache_mb, 0)
         if self.stream is not None:
             if self.source != "phantom":
                 raise ValueError(f"data.stream needs data.source='phantom', got {self.source!r}")
@@ -185,10 +180,7 @@ def _check_phantom_section(section, streamed: bool = False) -> None:
     allowed = set(_PHANTOM_SPLIT_KEYS) | (set(inspect.signature(make_phantom).parameters) - {"seed", "progress"})
     check_keys(section, allowed, "data.phantom")
     for key in _PHANTOM_SPLIT_KEYS:
-        value = section.get(key)
-        minimum = 1 if key == "n_train" and not streamed else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"data.phantom.{key} must be an integer >= {minimum}, got {value!r}")
+        check_int(f"data.phantom.{key}", section.get(key), 1 if key == "n_train" and not streamed else 0)
 
 
 #: Keys of the ``data.stream`` section and their defaults (see :class:`PhantomStream`).
@@ -201,13 +193,10 @@ def _check_stream_section(section) -> dict:
     """The ``data.stream`` section with defaults filled in; ``ValueError`` naming a bad key or value."""
     values = {**STREAM_DEFAULTS, **check_keys(section or {}, STREAM_DEFAULTS, "data.stream")}
     for key in ("seed", "per_epoch", "reuse", "max_slices", "surf_points"):
-        value = values[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
-            raise ValueError(f"data.stream.{key} must be an integer >= {0 if key == 'seed' else 1}, got {value!r}")
-    if values["version"] not in (1, 2) or not (isinstance(values["v1_fraction"], (int, float))
-                                               and 0 <= values["v1_fraction"] <= 1):
-        raise ValueError(f"data.stream.version must be 1 or 2 and v1_fraction a number in [0, 1], got "
-                         f"{values['version']!r}, {values['v1_fraction']!r}")
+        check_int(f"data.stream.{key}", values[key], 0 if key == "seed" else 1)
+    if values["version"] not in (1, 2):
+        raise ValueError(f"data.stream.version must be 1 or 2, got {values['version']!r}")
+    check_number("data.stream.v1_fraction", values["v1_fraction"], 0.0, 1.0)
     size, aspect = values["size"], values["aspect"]
     if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)
             and 16 <= size[0] <= size[1]):
@@ -354,7 +343,7 @@ def find_cases(root, layout: str = "abdomenct1k", image_pattern: str | None = No
     if layout == "abdomenct1k" and image_pattern == default_image:
         # AbdomenCT-1K: the id is the image stem minus its "_0000" channel tag (Case_00442_0000_2 → Case_00442_2)
         for path in sorted((root / "volumes").glob("*.nii.gz")):
-            stem = _strip_image_suffix(path.name)
+            stem = image_stem(path.name)
             case_id = re.sub(r"_0000(?=_|$)", "", stem, count=1)
             if case_id != stem:
                 images[case_id] = path
@@ -396,7 +385,7 @@ def split_cases(cases: Sequence[Case], root=None, seed: int = 0,
     """
     by_name = {}
     for case in cases:
-        for name in {case.case_id, _strip_image_suffix(case.image.name)}:
+        for name in {case.case_id, image_stem(case.image.name)}:
             by_name[name] = case
     lists = {split: Path(root) / f"{split}.lst" for split in SPLITS} if root is not None else {}
     if any(path.is_file() for path in lists.values()):
@@ -406,7 +395,7 @@ def split_cases(cases: Sequence[Case], root=None, seed: int = 0,
             if not path.is_file():
                 continue
             for line in path.read_text(encoding="utf-8").splitlines():
-                entry = _strip_image_suffix(line.split("#", 1)[0].strip())
+                entry = image_stem(line.split("#", 1)[0].strip())
                 if not entry:
                     continue
                 case = by_name.get(entry)
@@ -435,13 +424,6 @@ def split_cases(cases: Sequence[Case], root=None, seed: int = 0,
     splits = {"val": shuffled[:n_val], "test": shuffled[n_val:n_val + n_test], "train": shuffled[n_val + n_test:]}
     logger.info("seeded split (seed %d): %s", seed, {k: len(v) for k, v in splits.items()})
     return {split: sorted(splits[split], key=lambda c: c.case_id) for split in SPLITS}
-
-
-def _strip_image_suffix(name: str) -> str:
-    for suffix in _IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[:-len(suffix)]
-    return name
 
 
 def phantom_dataset(cache_dir, section: Mapping, progress: ProgressCallback | None = None) -> Path:

@@ -23,20 +23,9 @@ the default of the command line and the Slicer module.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and not __package__:
-    # Run as a script: drop the script's folder from sys.path (its file names shadow top-level modules) and make
-    # the package importable, as SCONetLib/train.py does.
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
-
-import argparse
 import logging
 import math
-import resource
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +35,7 @@ import SimpleITK as sitk
 import torch
 
 from SCONetLib import io as sconet_io
+from SCONetLib.figures import evaluation_plots, png_output
 from SCONetLib.data import LAYOUTS, Case, apply_label_map, find_cases, parse_label_map, split_cases
 from SCONetLib.labels import ORGANS
 from SCONetLib.metrics import dice, hausdorff
@@ -230,6 +220,10 @@ def _peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0
 
@@ -237,13 +231,12 @@ def _peak_rss_mb() -> float:
 # ============================================================================ outputs
 
 def write_outputs(result: dict, out_dir, settings: dict) -> dict:
-    """Write ``eval_cases.csv``, ``eval_summary.csv`` and ``evaluation.json`` into ``out_dir``; return paths."""
+    """Write ``eval_cases.csv``, ``eval_summary.csv``, ``evaluation.json`` and (when a case was scored) the box
+    plots ``evaluation.png`` into ``out_dir``, as one all-or-nothing set; return the paths by name."""
     out_dir = Path(out_dir)
     paths = {"cases_csv": out_dir / "eval_cases.csv", "summary_csv": out_dir / "eval_summary.csv",
              "json": out_dir / "evaluation.json"}
     rows = result["cases"]
-    columns = list(rows[0]) if rows else ["case_id"]
-    sconet_io.write_csv(rows, paths["cases_csv"], columns)
     summary_rows = []
     if result["summary"] is not None:
         for key, name in METRICS:
@@ -251,13 +244,20 @@ def write_outputs(result: dict, out_dir, settings: dict) -> dict:
                 summary_rows.append({"metric": name, "statistic": statistic,
                                      **{column: result["summary"][key][column][statistic]
                                         for column in ORGAN_NAMES + ("mean",)}})
-    sconet_io.write_csv(summary_rows, paths["summary_csv"], ["metric", "statistic", *ORGAN_NAMES, "mean"])
     post = result.get("summary_postprocessed")
     content = {"settings": settings, "summary": result["summary"], "summary_postprocessed": post,
                "timing": _timing(rows), "table": format_table(result["summary"]) if result["summary"] else None,
                "table_postprocessed": format_table(post) if post else None,
                "cases": rows, "skipped": result["skipped"]}
-    sconet_io.write_json(_json_safe(content), paths["json"])
+    outputs = [sconet_io.text_output(sconet_io.csv_text(rows, list(rows[0]) if rows else ["case_id"]),
+                                     paths["cases_csv"]),
+               sconet_io.text_output(sconet_io.csv_text(summary_rows, ["metric", "statistic", *ORGAN_NAMES, "mean"]),
+                                     paths["summary_csv"]),
+               sconet_io.json_output(content, paths["json"])]
+    if rows:
+        paths["plots"] = out_dir / "evaluation.png"
+        outputs.append(png_output(evaluation_plots(rows), paths["plots"]))
+    sconet_io.write_outputs(outputs)
     return paths
 
 
@@ -269,17 +269,6 @@ def _timing(rows) -> dict:
         if values:
             timing[key] = {"mean": float(np.mean(values)), "max": float(np.max(values))}
     return timing
-
-
-def _json_safe(value):
-    """NaN and infinities become None (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> Path:
@@ -298,7 +287,7 @@ def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> 
 
     model, metadata = load_checkpoint(weights, "cpu")
     metadata = dict(metadata)
-    metadata["evaluation"] = _json_safe({"settings": settings, "summary": result["summary"],
+    metadata["evaluation"] = sconet_io.jsonable({"settings": settings, "summary": result["summary"],
                                          "table": format_table(result["summary"]), "timing": _timing(result["cases"]),
                                          "cases": result["cases"], "skipped": result["skipped"]})
     destination = Path(destination)
@@ -309,86 +298,7 @@ def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> 
     return destination
 
 
-# ============================================================================ command line
+if __name__ == "__main__":  # python -m SCONetLib.evaluate: the command line lives in SCONetLib.cli
+    from SCONetLib.cli import evaluate_main, run_as_script
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m SCONetLib.evaluate",
-        description="Evaluate a SCONet model on a labelled dataset: per-organ Dice, Hausdorff distance and HD95 "
-                    "(see the SCONetLib.evaluate module), printed as a table and saved as CSV and JSON.")
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder")
-    parser.add_argument("--weights", type=Path, help="SCONet checkpoint (default: the bundled model)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                        help="cases to evaluate: a split (train.lst/val.lst/test.lst, else the seeded split) or all")
-    parser.add_argument("--out", type=Path, help="output folder (default: DATA/evaluation)")
-    parser.add_argument("--layout", default="abdomenct1k", choices=sorted(LAYOUTS) + ["pattern"],
-                        help="dataset layout (default abdomenct1k: volumes/, segmentations/)")
-    parser.add_argument("--image-pattern", help="image path pattern with {id} (layout pattern)")
-    parser.add_argument("--label-pattern", help="label path pattern with {id} (layout pattern)")
-    parser.add_argument("--label-map", help="preset (totalsegmentator, btcv, ...) or 'src:dst,...' for the labels")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split when there are no .lst files")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--points", type=int, default=50_000, help="input points per volume (default 50000)")
-    parser.add_argument("--threads", type=int, help="torch threads")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N cases of the split")
-    parser.add_argument("--save-predictions", action="store_true", help="write OUT/predictions/<case>.nii.gz")
-    parser.add_argument("--record-in", type=Path, metavar="PATH.pt",
-                        help="also write a copy of the weights with this evaluation in its metadata, plus PATH.json "
-                             "(how the bundled model was made)")
-    return parser
-
-
-def main(argv=None) -> int:
-    """Command line; returns the exit status (0 success, 1 failure, 2 bad usage)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from SCONetLib.infer import Segmenter
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cases, problems = find_cases(args.data, args.layout, args.image_pattern, args.label_pattern)
-        if args.split != "all":
-            cases = split_cases(cases, args.data, args.split_seed)[args.split]
-        cases = cases[:args.limit] if args.limit else cases
-        if not cases:
-            raise ValueError(f"the {args.split} split of {args.data} is empty")
-        segmenter = Segmenter(args.weights, device=args.device, n_points=args.points)
-        out = args.out or args.data / "evaluation"
-        result = evaluate_cases(cases, segmenter, args.label_map,
-                                out / "predictions" if args.save_predictions else None)
-        result["skipped"] += problems
-        settings = {"data": str(args.data.resolve()), "split": args.split, "cases": len(cases),
-                    "weights": str(segmenter.weights_path), "device": str(segmenter.device),
-                    "n_points": args.points, "label_map": args.label_map, "torch_threads": torch.get_num_threads(),
-                    "command_line": " ".join(["python -m SCONetLib.evaluate"] + argv)}
-        paths = write_outputs(result, out, settings)
-        if args.record_in is not None and result["summary"] is not None:
-            record_in_checkpoint(segmenter.weights_path or args.weights, args.record_in, result, settings)
-    except (OSError, ValueError, RuntimeError) as error:
-        logger.error("evaluation failed: %s: %s", type(error).__name__, error)
-        return 1
-    if result["summary"] is None:
-        logger.error("no case could be evaluated (%d skipped)", len(result["skipped"]))
-        return 1
-    print("as the model outputs it (no post-processing, as the paper):")
-    print(format_table(result["summary"]))
-    print("keeping each organ's largest connected components (the default of sconet-segment and Slicer):")
-    print(format_table(result["summary_postprocessed"]))
-    print(f"{len(result['cases'])} case(s), {len(result['skipped'])} skipped; results in {paths['json']}")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        status = main()
-    except SystemExit as exit_request:
-        status = exit_request.code if isinstance(exit_request.code, int) else 2
-    except BaseException as error:  # always exit with a status (Slicer --python-script would keep running)
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        status = 1
-    sys.exit(status)
+    run_as_script(evaluate_main)

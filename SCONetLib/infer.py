@@ -27,11 +27,13 @@ import torch
 from scipy import ndimage
 
 from .checkpoint import default_weights_path, load_checkpoint
+from .device import resolve_device
 from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS
 from .progress import ProgressCallback, report, sub_progress
+from .validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -53,41 +55,6 @@ SEGMENT_BYTES_PER_VOXEL = 6
 PROBABILITY_BYTES_PER_VOXEL = 2 * 4 * (NUM_CLASSES + 1)
 #: Samples per axis of the volume-fraction estimate in the field-of-view check.
 _FOV_SAMPLES_PER_AXIS = 33
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device to run on.
-
-    Parameters
-    ----------
-    device : str or torch.device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Raises
-    ------
-    ValueError
-        For any other value, or a CUDA device that is not available.
-    """
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'cuda:0', got "
-                        f"{type(device).__name__}")
-    name = device.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    kind, _, index = name.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine; "
-                         f"use 'cpu' or 'auto'")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s)")
-    return torch.device(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +126,8 @@ class Segmenter:
         return self
 
     def _init(self, model, metadata: dict, n_points: int, seed: int, chunk_size: int | None) -> None:
-        for name, value in (("n_points", n_points), ("chunk_size", chunk_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int("n_points", n_points, allow_none=True)
+        check_int("chunk_size", chunk_size, allow_none=True)
         self.model = model
         self.metadata = metadata
         self.n_points = n_points

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -20,9 +21,12 @@ import logging
 import os
 import re
 import secrets
+import signal
+import threading
+import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,6 +36,8 @@ from SCONetLib.geometry import Grid
 
 logger = logging.getLogger(__name__)
 
+#: File name suffixes of the images :func:`read_image` accepts (besides DICOM series folders).
+READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Suffixes :func:`write_image` accepts (single-file formats, so that a write can be atomic).
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Human-readable list of what :func:`read_image` accepts.
@@ -40,6 +46,22 @@ READ_FORMATS = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mh
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 SEG_SUFFIX = ".seg.nrrd"
+
+
+def image_suffix(name: str, suffixes: Sequence[str] = READ_SUFFIXES + (SEG_SUFFIX,)) -> str | None:
+    """The longest of ``suffixes`` that file name ``name`` ends with (case-insensitive, lower-case as listed)
+    after a non-empty stem, or ``None``."""
+    lower = str(name).lower()
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return suffix
+    return None
+
+
+def image_stem(name: str) -> str:
+    """File name ``name`` without its image suffix (``case.nii.gz`` → ``case``); unchanged without one."""
+    suffix = image_suffix(name)
+    return name[:-len(suffix)] if suffix else name
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -173,46 +195,197 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
     replaces ``path`` in one ``os.replace``; on any error the temporary file is removed and ``path`` is left as
     it was.
     """
+    return write_outputs([image_output(image, path)])[0]
+
+
+def image_output(image: sitk.Image, path: str | os.PathLike) -> "Output":
+    """:class:`Output` writing ``image`` (compressed) to ``path``, which must end in one of :data:`WRITE_SUFFIXES`;
+    checked now. ITK's complaints at write time become ``OSError`` naming ``path``."""
     if not isinstance(image, sitk.Image):
         raise TypeError(f"image must be a SimpleITK.Image, got {type(image).__name__}")
     path = Path(path)
-    _write_suffix(path)
-    return _write_atomically(path, image)
+    suffix = image_suffix(path.name, WRITE_SUFFIXES)
+    if suffix is None:
+        raise ValueError(f"cannot write {str(path)!r}: unsupported file name suffix; expected one of "
+                         f"{list(WRITE_SUFFIXES)}")
 
-
-def _write_suffix(path: Path) -> str:
-    """The suffix of ``path`` among :data:`WRITE_SUFFIXES` (case-insensitive); ``ValueError`` otherwise."""
-    name = path.name.lower()
-    for suffix in WRITE_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return path.name[-len(suffix):]
-    raise ValueError(f"cannot write {str(path)!r}: unsupported file name suffix; expected one of "
-                     f"{list(WRITE_SUFFIXES)}")
-
-
-def _write_atomically(path: Path, image: sitk.Image) -> Path:
-    """Write ``image`` (compressed) through :func:`atomic_output`; ITK's complaints become ``OSError`` naming ``path``."""
-    with atomic_output(path, _write_suffix(path)) as tmp:
+    def write(tmp: Path) -> None:
         try:
             sitk.WriteImage(image, str(tmp), True)
         except RuntimeError as error:
             message = _short_itk_message(error).replace(str(tmp), str(path))
             raise OSError(f"cannot write {str(path)!r}: {message}") from None
-    return path
+
+    return Output(path, write, path.name[-len(suffix):])
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One file of a set written by :func:`write_outputs`.
+
+    Attributes
+    ----------
+    path : Path, destination.
+    write : callable(temporary_path), writes the whole content to the temporary path it is given.
+    suffix : str, ending of the temporary file's name (writers that pick the format from the name need it).
+    """
+
+    path: Path
+    write: Callable[[Path], None]
+    suffix: str = ".tmp"
+
+
+def text_output(text, path: str | os.PathLike) -> Output:
+    """:class:`Output` writing ``text`` as UTF-8; ``text`` may be a callable returning it, called at write time
+    (after the files listed before it in the set are written)."""
+    path = Path(path)
+    return Output(path, lambda tmp: tmp.write_text(text() if callable(text) else text, encoding="utf-8"),
+                  path.suffix)
+
+
+def json_output(content, path: str | os.PathLike) -> Output:
+    """:class:`Output` writing :func:`jsonable` of ``content`` as indented JSON; ``content`` may be a callable
+    returning it, called at write time."""
+    def text():
+        value = content() if callable(content) else content
+        return json.dumps(jsonable(value), indent=2, allow_nan=False) + "\n"
+    return text_output(text, path)
+
+
+def write_outputs(outputs: Sequence[Output], durable: bool = False) -> list:
+    """Write a set of files all at once or not at all; returns their paths.
+
+    Every file is first written to a hidden temporary file in its destination folder (created if missing), in
+    the order given. Only when all are complete do they replace their destinations (``os.replace``), with SIGINT
+    and SIGTERM held back meanwhile; so a failure, a cancellation or Ctrl-C while writing leaves every earlier
+    file at these paths as it was and no temporary behind. Before a set of several files is committed, a small
+    journal listing the renames is written beside the first file: if the process is killed (SIGKILL, power cut)
+    during the renames, :func:`remove_partial_outputs` completes them at the next start, so the set never stays
+    mixed. ``durable=True`` also fsyncs the files and folders.
+
+    Raises
+    ------
+    ValueError
+        Two outputs share a path.
+    IsADirectoryError
+        A destination is an existing folder (checked before anything is written).
+    KeyboardInterrupt
+        A SIGINT (or SIGTERM turned into one) that arrived during the renames is raised once the set is
+        complete, as :class:`InterruptedAfterWriting` naming the files.
+    """
+    outputs = list(outputs)
+    paths = [Path(os.path.abspath(output.path)) for output in outputs]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"an output set names a file twice: {[str(p) for p in paths]}")
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot write {str(path)!r}: it is an existing folder")
+    temporaries = []
+    try:
+        for output, path in zip(outputs, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries.append(_temporary_path(path, output.suffix))
+            output.write(temporaries[-1])
+            if durable:
+                _fsync(temporaries[-1])
+        with _signals_held() as held:
+            journal = _write_journal(paths[0], list(zip(temporaries, paths))) if len(paths) > 1 else None
+            for tmp, path in zip(temporaries, paths):
+                os.replace(tmp, path)
+            if journal is not None:
+                journal.unlink()
+        if durable:
+            for folder in dict.fromkeys(path.parent for path in paths):
+                _fsync(folder)
+    except BaseException:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        raise
+    if held:
+        raise InterruptedAfterWriting(paths, held[0])
+    return paths
+
+
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while :func:`write_outputs` renamed its files: the set was completed first.
+
+    Attributes: ``paths`` (the files written), ``signal_number``.
+    """
+
+    def __init__(self, paths: list, signal_number: int):
+        super().__init__(f"interrupted by signal {signal_number} after writing {len(paths)} file(s)")
+        self.paths, self.signal_number = paths, signal_number
+
+
+#: Signals held back while a set of outputs is renamed into place.
+_HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list]:
+    """Record SIGINT/SIGTERM instead of acting on them inside the block (main thread only; elsewhere Python
+    delivers signals to the main thread anyway). Yields the list of signal numbers received.
+
+    After the block the handlers are restored; a held signal whose handler raises ``KeyboardInterrupt`` (Python's
+    default for SIGINT, and the command lines' handler for SIGTERM) is left to the caller, any other handler is
+    called with the signal.
+    """
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {number: signal.getsignal(number) for number in _HELD_SIGNALS}
+    for number in _HELD_SIGNALS:
+        signal.signal(number, lambda number, frame: received.append(number))
+    try:
+        yield received
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    raising = {signal.default_int_handler, raise_keyboard_interrupt}
+    for number in received:
+        if previous[number] not in raising:
+            received.remove(number)
+            if previous[number] == signal.SIG_DFL:
+                signal.raise_signal(number)
+            elif callable(previous[number]):
+                previous[number](number, None)
+
+
+def raise_keyboard_interrupt(signal_number, frame) -> None:
+    """Signal handler turning SIGTERM into ``KeyboardInterrupt``, so that it cleans up like Ctrl-C (the command
+    lines install it)."""
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
+def _temporary_path(path: Path, suffix: str) -> Path:
+    """Hidden temporary name beside ``path``: ``.<name>.tmp-<pid>-<8 hex><suffix>`` (the process id lets
+    :func:`remove_partial_outputs` leave alone the temporaries of a run still in progress)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
+def _write_journal(first: Path, renames: list) -> Path:
+    """Write the list of pending renames (temporary → destination) beside ``first``, atomically."""
+    journal = first.with_name(f".{first.name}.commit-{os.getpid()}-{secrets.token_hex(4)}.json")
+    tmp = _temporary_path(journal, ".json")
+    tmp.write_text(json.dumps([[str(a), str(b)] for a, b in renames]), encoding="utf-8")
+    os.replace(tmp, journal)
+    return journal
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str = ".tmp", durable: bool = False) -> Iterator[Path]:
-    """Context manager for writing ``path`` all at once or not at all.
+    """Context manager for writing one file ``path`` all at once or not at all.
 
     Yields a hidden temporary path in ``path``'s folder (created if missing) ending in ``suffix`` (writers that
     pick the format from the file name need the real suffix). When the block ends normally the temporary file
     replaces ``path`` in one ``os.replace``; on any exception it is removed and ``path`` is left as it was. With
-    ``durable=True`` the file and its folder are also fsync-ed, so the new content survives a power cut.
+    ``durable=True`` the file and its folder are also fsync-ed, so the new content survives a power cut. For
+    several files that belong together use :func:`write_outputs`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{suffix}")
+    tmp = _temporary_path(path, suffix)
     try:
         yield tmp
         if durable:
@@ -225,20 +398,84 @@ def atomic_output(path: str | os.PathLike, suffix: str = ".tmp", durable: bool =
         _fsync(path.parent)
 
 
-def remove_partial_outputs(folder: str | os.PathLike) -> list:
-    """Delete the temporary files a killed process left in ``folder`` while inside :func:`atomic_output`.
+#: Names of our temporaries (with the writer's process id, or without it as older versions wrote them) and journals.
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?:(?P<pid>\d+)-)?[0-9a-f]{8}")
+_JOURNAL = re.compile(r"^\..+\.commit-(?P<pid>\d+)-[0-9a-f]{8}\.json$")
+#: On systems where a process cannot be probed (Windows), temporaries older than this (s) count as abandoned.
+_ABANDONED_AFTER_S = 3600.0
 
-    Only hidden files named like ``atomic_output``'s temporaries (``.<name>.tmp-<hex>...``) are removed; returns
-    their paths. A missing folder is not an error.
+
+def remove_partial_outputs(folder: str | os.PathLike) -> list:
+    """Clean up after a process killed while writing into ``folder``; returns the temporaries removed.
+
+    A journal of :func:`write_outputs` left by a dead process means its set was complete but not all renamed:
+    the remaining renames are done, so that set is whole again. Then hidden temporaries of dead processes
+    (named like :func:`atomic_output`'s, ``.<name>.tmp-<pid>-<hex>...``) are deleted; those of running processes
+    are left alone. A missing folder is not an error.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.is_file() and re.match(r"^\..+\.tmp-[0-9a-f]{8}", p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-        logger.info("removed %s, left by an interrupted write", path)
+    for journal in sorted(p for p in folder.iterdir() if _JOURNAL.match(p.name)):
+        if _abandoned(journal, int(_JOURNAL.match(journal.name)["pid"])):
+            _complete_journal(journal)
+    stale = []
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and (match["pid"] is None or _abandoned(path, int(match["pid"]))):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+            logger.info("removed %s, left by an interrupted write", path)
     return stale
+
+
+def _complete_journal(journal: Path) -> None:
+    """Finish the renames a killed :func:`write_outputs` listed in ``journal``, then delete it."""
+    try:
+        renames = json.loads(journal.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        renames = []
+    for tmp, path in renames:
+        if Path(tmp).is_file():
+            os.replace(tmp, path)
+            logger.warning("completed the output set of an interrupted run: %s", path)
+    journal.unlink(missing_ok=True)
+
+
+def _abandoned(path: Path, pid: int) -> bool:
+    """Whether the process ``pid`` that wrote ``path`` has ended (by its age where processes cannot be probed)."""
+    if pid == os.getpid():
+        return False
+    if os.name == "nt":
+        return time.time() - path.stat().st_mtime > _ABANDONED_AFTER_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """``OSError`` naming ``folder`` if files cannot be created in it (or, while it does not exist yet, in its
+    nearest existing parent, where it would be created): meant to fail before a long computation, not after.
+
+    Probes by creating and deleting a hidden temporary file, which also catches read-only file systems and
+    access rules that permission bits do not show. Creates nothing that stays.
+    """
+    folder = Path(os.path.abspath(folder))
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write into {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    probe = _temporary_path(existing / ".sconet-write-check", "")
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as error:
+        raise OSError(f"cannot write into {str(folder)!r}: {error.strerror or error}") from None
+    probe.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -253,32 +490,58 @@ def _fsync(path: Path) -> None:
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_output`); returns the path."""
-    path = Path(path)
-    with atomic_output(path, path.suffix) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    """Write ``text`` as UTF-8 to ``path`` atomically; returns the path."""
+    return write_outputs([text_output(text, path)])[0]
 
 
-def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
-    """Write dict rows as CSV to ``path`` atomically; ``columns`` defaults to every key, in order of appearance."""
+def csv_text(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """Dict rows as CSV text; ``columns`` defaults to every key, in order of appearance."""
     if columns is None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    return write_text(buffer.getvalue(), path)
+    return buffer.getvalue()
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV to ``path`` atomically (see :func:`csv_text`)."""
+    return write_text(csv_text(rows, columns), path)
 
 
 def write_json(content, path: str | os.PathLike) -> Path:
-    """Write ``content`` as indented JSON to ``path`` atomically; returns the path."""
-    return write_text(json.dumps(content, indent=2) + "\n", path)
+    """Write :func:`jsonable` of ``content`` as indented JSON to ``path`` atomically; returns the path."""
+    return write_outputs([json_output(content, path)])[0]
+
+
+def jsonable(value):
+    """``value`` as plain JSON data: mappings become dicts with string keys; lists, tuples and numpy arrays become
+    lists; numpy scalars Python numbers; NaN and infinities ``None`` (JSON has neither); any other object
+    (a path, a device …) its ``str``."""
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def write_segmentation(labels: sitk.Image, path: str | os.PathLike,
                        organs: Sequence[organ_table.Organ] = organ_table.ORGANS) -> Path:
-    """Write a label map as a 3D Slicer segmentation file (``.seg.nrrd``), atomically.
+    """Write a label map as a 3D Slicer segmentation file (``.seg.nrrd``), atomically; see
+    :func:`segmentation_output`."""
+    return write_outputs([segmentation_output(labels, path, organs)])[0]
+
+
+def segmentation_output(labels: sitk.Image, path: str | os.PathLike,
+                        organs: Sequence[organ_table.Organ] = organ_table.ORGANS) -> Output:
+    """:class:`Output` writing a label map as a 3D Slicer segmentation file (``.seg.nrrd``); checked now.
 
     Parameters
     ----------
@@ -290,7 +553,7 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike,
 
     Returns
     -------
-    Path of the written file.
+    Output
 
     Notes
     -----
@@ -333,7 +596,7 @@ def write_segmentation(labels: sitk.Image, path: str | os.PathLike,
     image = Grid.of(labels).apply_to(sitk.GetImageFromArray(array))
     for key, value in _segmentation_fields(Grid.of(labels), organs).items():
         image.SetMetaData(key, value)
-    return _write_atomically(path, image)
+    return image_output(image, path)
 
 
 def _segmentation_fields(grid: Grid, organs: Sequence[organ_table.Organ]) -> dict:

@@ -143,3 +143,14 @@ def _as_spacing(spacing, ndim: int) -> tuple:
     if values.size != ndim or not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise ValueError(f"spacing must be {ndim} positive numbers (mm, one per array axis), got {spacing!r}")
     return tuple(float(v) for v in values)
+
+
+def threshold_dice(probabilities: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(C,) per-class Dice of ``probabilities > 0.5`` against the targets (the reference's validation metric).
+
+    Parameters
+    ----------
+    probabilities : (M, C) float softmax probabilities
+    targets : (M,) int class indices
+    """
+    return np.array([dice_of_masks(probabilities[:, c] > 0.5, targets == c) for c in range(probabilities.shape[1])])

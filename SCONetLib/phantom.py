@@ -40,6 +40,7 @@ from SCONetLib import labels as organ_table
 from SCONetLib.geometry import Grid, spacing_mm
 from SCONetLib.io import write_json
 from SCONetLib.progress import ProgressCallback, report, sub_progress
+from SCONetLib.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +165,12 @@ class _Draw:
 
 def _draw(seed, size, spacing, random_orientation, version, max_slices) -> _Draw:
     """Check the arguments and draw anatomy, appearance and scan grid (independent random streams)."""
-    seed = _check_seed(seed)
+    seed = check_int("seed", seed, 0)
     size = _check_size(size)
     spacing = _check_spacing(spacing)
     if isinstance(version, bool) or version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-    if max_slices is not None and (isinstance(max_slices, bool) or not isinstance(max_slices, (int, np.integer))
-                                   or max_slices < 2):
-        raise ValueError(f"max_slices must be None or an integer >= 2, got {max_slices!r}")
+    check_int("max_slices", max_slices, 2, allow_none=True)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4 if version == 1 else 6)]
     anatomy_rng, scan_rng, orientation_rng, noise_rng = streams[:4]
     look, parameters, look_rng = None, {}, None
@@ -274,12 +273,6 @@ def _blur3(volume: np.ndarray, sigma: float) -> None:
         nb *= w
         v *= np.float32(1.0) - 2 * w
         v += nb
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
 
 
 def _check_size(size) -> tuple:
@@ -1352,9 +1345,8 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
     -------
     dict, the content of ``dataset.json``.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    seed = _check_seed(seed)
+    check_int("n", n)
+    seed = check_int("seed", seed, 0)
     out_dir = Path(out_dir)
     cases = []
     for k in range(1, n + 1):
@@ -1374,22 +1366,13 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
         "name": "SCONet synthetic abdominal CT phantoms",
         "generator": "SCONetLib.phantom.make_phantom", "sconet_version": __version__,
         "generator_version": int(phantom_kwargs.get("version", DEFAULT_VERSION)),
-        "seed": seed, "n": n, "phantom_kwargs": {k: _jsonable(v) for k, v in phantom_kwargs.items()},
+        "seed": seed, "n": n, "phantom_kwargs": sconet_io.jsonable(phantom_kwargs),
         "labels": {str(i): name for i, name in enumerate(organ_table.CLASS_NAMES)},
         "cases": cases,
     }
     write_json(description, out_dir / "dataset.json")
     report(progress, 1.0, f"wrote {n} phantoms to {out_dir}")
     return description
-
-
-def _jsonable(value):
-    """``value`` with tuples as lists and numpy scalars as Python numbers, for ``json.dumps``."""
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def main(argv=None) -> int:

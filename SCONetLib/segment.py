@@ -1,21 +1,13 @@
-"""``sconet-segment``: segment the liver, kidneys, spleen and pancreas in a CT file or DICOM folder.
+"""Segment a CT file or DICOM folder and write the label map, optional probability maps and a JSON sidecar.
 
-Command line (also ``python -m SCONetLib.segment``)::
-
-    sconet-segment INPUT [-o OUTPUT] [--spacing MM [MM MM]] [--device auto|cpu|cuda|cuda:N] [--weights W]
-                   [--probabilities DIR] [--dense]
-    sconet-segment [-o DIR]          # no INPUT: the demo on a synthetic phantom (SCONetLib.demo)
-
-The arguments are documented on :func:`segment_file`, which does the work; :func:`main` only parses them, shows
-progress and prints the result.
+:func:`segment_file` does the whole job (the ``sconet-segment`` command line in :mod:`SCONetLib.cli` only parses
+arguments, shows progress and prints the result). :func:`segment_image` is its computing half, for callers that
+write further files in the same all-or-nothing set (the demo: :mod:`SCONetLib.demo`).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
-import logging
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,56 +18,69 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import io as sconet_io
-from .io import write_json
-from .checkpoint import CheckpointError
 from .geometry import Grid
 from .infer import PROBABILITY_BYTES_PER_VOXEL, SEGMENT_BYTES_PER_VOXEL, Segmenter, output_grid
 from .labels import ORGANS
-from .metrics import dice
 from .points.cloud import DEFAULT_N_POINTS
-from .progress import Cancelled, ProgressCallback, report, sub_progress
+from .progress import ProgressCallback, report, sub_progress
 
-logger = logging.getLogger(__name__)
-
+#: Name of the tool in sidecars.
 PROG = "sconet-segment"
 #: Appended to the input's stem for the default output name.
 OUTPUT_TAG = "_sconet"
 DEFAULT_SUFFIX = ".nii.gz"
 #: Output suffixes: plain label volumes (io.write_image) and Slicer segmentations (io.write_segmentation).
 OUTPUT_SUFFIXES = sconet_io.WRITE_SUFFIXES + (sconet_io.SEG_SUFFIX,)
-#: Suffixes stripped from an input file name to form the output stem (longest first).
-_INPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
 class SegmentationResult:
-    """What :func:`segment_file` produced.
+    """What :func:`segment_image` computed and :func:`segment_file` wrote.
 
     Attributes
     ----------
     labels : sitk.Image, uint8 label map (0 background, 1 liver, 2 kidneys, 3 spleen, 4 pancreas), LPS geometry.
-    output : Path of the label map written.
-    files : every file written (label map, probability maps, then the JSON sidecar last).
+    output : Path of the label map.
+    plan : OutputPlan, every file of the result.
+    maps : probability / entropy map path → float32 image (empty without ``probabilities_dir``).
+    files : every file written (label map, probability maps, then the JSON sidecar last); empty until written.
     volumes_ml : organ name → volume in millilitres.
-    dice : organ name → Dice against ``reference`` (empty without a reference).
     timings_s : step name → seconds.
     warnings : messages of the warnings raised on the way (also re-issued as warnings).
-    sidecar : the JSON sidecar's content.
+    sidecar : the JSON sidecar's content (``timings_s`` is completed when it is written).
     """
 
     labels: sitk.Image
     output: Path
+    plan: "OutputPlan"
+    maps: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
     volumes_ml: dict = field(default_factory=dict)
-    dice: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     sidecar: dict = field(default_factory=dict)
 
+    def outputs(self, start: float) -> list:
+        """The :class:`SCONetLib.io.Output` set of this result (label map, maps, sidecar last); the sidecar's
+        ``timings_s`` gets the write time and the total since ``start`` (``time.perf_counter()``) when written."""
+        write_start = time.perf_counter()
+
+        def sidecar():
+            self.timings_s["write"] = time.perf_counter() - write_start
+            self.timings_s["total"] = time.perf_counter() - start
+            self.sidecar["timings_s"] = {key: round(value, 3) for key, value in self.timings_s.items()}
+            return self.sidecar
+
+        plan = self.plan
+        label_output = (sconet_io.segmentation_output if plan.suffix == sconet_io.SEG_SUFFIX
+                        else sconet_io.image_output)(self.labels, plan.labels)
+        return [label_output, *(sconet_io.image_output(image, path) for path, image in self.maps.items()),
+                sconet_io.json_output(sidecar, plan.sidecar)]
+
 
 def segment_file(input, output=None, spacing=None, device: str = "auto", weights=None, probabilities_dir=None,
-                 dense: bool = False, n_points: int = DEFAULT_N_POINTS, reference: sitk.Image | None = None,
-                 arguments: dict | None = None, progress: ProgressCallback | None = None) -> SegmentationResult:
+                 dense: bool = False, n_points: int = DEFAULT_N_POINTS, arguments: dict | None = None,
+                 progress: ProgressCallback | None = None) -> SegmentationResult:
     """Segment a CT and write the label map, optional probability maps and a JSON sidecar.
 
     Parameters
@@ -101,8 +106,6 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         Decode every voxel instead of coarse to fine.
     n_points : int
         Points of the input cloud (reference and default 50,000).
-    reference : sitk.Image, optional
-        Label map to compare with (same grid as the output): Dice per organ goes into the result and sidecar.
     arguments : dict, optional
         Recorded as ``"arguments"`` in the sidecar (the command line passes its parsed arguments); default the
         arguments of this call.
@@ -119,15 +122,19 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         Missing input or weights.
     ValueError
         Unsupported output suffix, output equal to the input, bad spacing or too large an output, an input that
-        cannot be segmented (not 3D scalar, NaN, no edges), a reference on another grid.
+        cannot be segmented (not 3D scalar, NaN, no edges, damaged file, uneven DICOM slices).
+    OSError
+        An output folder that cannot be written (checked before the computation).
     SCONetLib.checkpoint.CheckpointError
         Corrupt weights file.
 
     Notes
     -----
-    Files are written only after everything is computed, each atomically, the JSON sidecar (``<output>.json``:
-    arguments, input and output grids, model summary, volumes, timings, warnings) last. If a write fails, the
-    files already written by this call are removed, so a run leaves either all its files or none.
+    The files are written as one set (:func:`SCONetLib.io.write_outputs`) after everything is computed: a
+    failure, a cancellation, Ctrl-C or SIGTERM leaves every earlier file at these paths as it was, and a run
+    killed outright is completed or cleaned up at the next start (temporaries in the output folders are swept
+    before the computation). The JSON sidecar (``<output>.json``: arguments, input and output grids, model
+    summary, volumes, timings, warnings) is the last file of the set.
     """
     start = time.perf_counter()
     in_memory = isinstance(input, sitk.Image)
@@ -136,55 +143,69 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
     input_path = None if in_memory else Path(input)
     if input_path is not None and not input_path.exists():
         raise FileNotFoundError(f"input does not exist: {str(input_path)!r}")
-    plan = _OutputPlan.make(default_output_path(input_path) if output is None else Path(output), probabilities_dir)
+    plan = OutputPlan.make(default_output_path(input_path) if output is None else Path(output), probabilities_dir)
     if input_path is not None:
         _refuse_overwriting_input(plan.all, input_path)
-
+    plan.prepare_folders()
+    if arguments is None:
+        arguments = {"input": "<image in memory>" if in_memory else str(input_path), "output": str(plan.labels),
+                     "spacing": spacing, "device": device, "weights": weights,
+                     "probabilities_dir": probabilities_dir, "dense": dense, "n_points": n_points}
     timings = {}
-    maps_wanted = probabilities_dir is not None
-    with _recording_warnings() as messages:
+    with recording_warnings() as messages:
         t = time.perf_counter()
         segmenter = Segmenter(weights=weights, device=device, n_points=n_points)
         timings["load_model"] = time.perf_counter() - t
         t = time.perf_counter()
         image = input if in_memory else sconet_io.read_image(input_path)
         timings["read"] = time.perf_counter() - t
-        for bytes_per_voxel in [SEGMENT_BYTES_PER_VOXEL] + ([PROBABILITY_BYTES_PER_VOXEL] if maps_wanted else []):
-            output_grid(Grid.of(image), spacing, bytes_per_voxel)     # bad spacing: fail before the long steps
-        prepared, segmented = (0.6, 0.7) if maps_wanted else (0.8, 0.98)   # progress fractions
+        result = segment_image(image, plan, segmenter, spacing, dense, arguments,
+                               None if in_memory else input_path, progress)
+    result.timings_s = {**timings, **result.timings_s}
+    result.warnings = messages
+    result.sidecar["warnings"] = messages
+    report(progress, 0.98, "writing")
+    result.files = sconet_io.write_outputs(result.outputs(start))
+    report(progress, 1.0, "done")
+    return result
+
+
+def segment_image(image: sitk.Image, plan: "OutputPlan", segmenter: Segmenter, spacing=None, dense: bool = False,
+                  arguments: dict | None = None, input_path: Path | None = None,
+                  progress: ProgressCallback | None = None) -> SegmentationResult:
+    """Compute everything :func:`segment_file` writes for ``image``, without writing (see its parameters).
+
+    Progress runs from 0 to 0.98. The sidecar's ``"warnings"`` list is empty: the caller records the warnings
+    of the whole run (:func:`recording_warnings`) and fills it.
+    """
+    maps_wanted = plan.entropy is not None
+    for bytes_per_voxel in [SEGMENT_BYTES_PER_VOXEL] + ([PROBABILITY_BYTES_PER_VOXEL] if maps_wanted else []):
+        output_grid(Grid.of(image), spacing, bytes_per_voxel)     # bad spacing: fail before the long steps
+    prepared, segmented = (0.6, 0.7) if maps_wanted else (0.8, 0.98)   # progress fractions
+    timings = {}
+    t = time.perf_counter()
+    segmenter.prepare(image, progress=sub_progress(progress, 0.0, prepared))
+    timings["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    labels = segmenter.segment(spacing, dense=dense, progress=sub_progress(progress, prepared, segmented))
+    timings["segment"] = time.perf_counter() - t
+    maps = {}
+    if maps_wanted:
         t = time.perf_counter()
-        segmenter.prepare(image, progress=sub_progress(progress, 0.0, prepared))
-        timings["prepare"] = time.perf_counter() - t
-        t = time.perf_counter()
-        labels = segmenter.segment(spacing, dense=dense, progress=sub_progress(progress, prepared, segmented))
-        timings["segment"] = time.perf_counter() - t
-        maps = {}
-        if maps_wanted:
-            t = time.perf_counter()
-            probs, entropy = segmenter.probabilities(spacing, progress=sub_progress(progress, segmented, 0.98))
-            maps = {path: sitk.VectorIndexSelectionCast(probs, organ.label, sitk.sitkFloat32)
-                    for organ, path in zip(ORGANS, plan.probabilities)}
-            maps[plan.entropy] = entropy
-            del probs
-            timings["probabilities"] = time.perf_counter() - t
-    scores = {}
-    if reference is not None:
-        if Grid.of(reference) != Grid.of(labels):
-            raise ValueError(f"reference must be on the output grid {Grid.of(labels)}, got {Grid.of(reference)}")
-        truth = sitk.GetArrayViewFromImage(reference)
-        predicted = sitk.GetArrayViewFromImage(labels)
-        scores = {organ.name: dice(predicted, truth, organ.label) for organ in ORGANS}
-    if arguments is None:
-        arguments = {"input": "<image in memory>" if in_memory else str(input_path), "output": str(plan.labels),
-                     "spacing": spacing, "device": device, "weights": weights,
-                     "probabilities_dir": probabilities_dir, "dense": dense, "n_points": n_points}
+        probs, entropy = segmenter.probabilities(spacing, progress=sub_progress(progress, segmented, 0.98))
+        maps = {path: sitk.VectorIndexSelectionCast(probs, organ.label, sitk.sitkFloat32)
+                for organ, path in zip(ORGANS, plan.probabilities)}
+        maps[plan.entropy] = entropy
+        del probs
+        timings["probabilities"] = time.perf_counter() - t
     volumes = organ_volumes_ml(labels)
     sidecar = {
         "tool": PROG,
         "library_version": __version__,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "arguments": _jsonable(arguments),
-        "input": {"path": None if in_memory else str(input_path.resolve()), "grid": _grid_dict(segmenter.input_grid)},
+        "arguments": arguments,
+        "input": {"path": None if input_path is None else str(input_path.resolve()),
+                  "grid": _grid_dict(segmenter.input_grid)},
         "output": {"path": str(plan.labels.resolve()), "grid": _grid_dict(Grid.of(labels))},
         "files": [str(p.resolve()) for p in plan.all],
         "device": str(segmenter.device),
@@ -193,17 +214,13 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
                    "fraction_outside_model_box": segmenter.fraction_points_outside,
                    "fraction_volume_outside_model_box": segmenter.fraction_volume_outside},
         "volumes_ml": volumes,
-        **({"dice": scores} if scores else {}),
-        "warnings": messages,
+        "warnings": [],
     }
-    report(progress, 0.98, "writing")
-    written = plan.write(labels, maps, sidecar, timings, start)
-    report(progress, 1.0, "done")
-    return SegmentationResult(labels, plan.labels, written, volumes, scores, timings, messages, sidecar)
+    return SegmentationResult(labels, plan.labels, plan, maps, [], volumes, timings, [], sidecar)
 
 
 @dataclass(frozen=True)
-class _OutputPlan:
+class OutputPlan:
     """Every file a run writes: label map, optional probability and entropy maps, JSON sidecar (last)."""
 
     labels: Path
@@ -213,8 +230,14 @@ class _OutputPlan:
     sidecar: Path
 
     @classmethod
-    def make(cls, output: Path, probabilities_dir) -> "_OutputPlan":
-        suffix = _output_suffix(output)
+    def make(cls, output: Path, probabilities_dir=None) -> "OutputPlan":
+        """The files of a run writing the label map ``output`` (and maps into ``probabilities_dir`` if given);
+        ``ValueError`` for an unsupported output suffix."""
+        output = Path(output)
+        suffix = sconet_io.image_suffix(output.name, OUTPUT_SUFFIXES)
+        if suffix is None:
+            raise ValueError(f"unsupported output file name {str(output)!r}: expected a name ending in one of "
+                             f"{list(OUTPUT_SUFFIXES)}")
         probabilities, entropy = (), None
         if probabilities_dir is not None:
             stem = output.name[:-len(suffix)]
@@ -228,29 +251,18 @@ class _OutputPlan:
     def all(self) -> list:
         return [self.labels, *self.probabilities, *([self.entropy] if self.entropy else []), self.sidecar]
 
-    def write(self, labels: sitk.Image, maps: dict, sidecar: dict, timings: dict, start: float) -> list:
-        """Write everything (sidecar last, with the write and total times); on failure remove what was written."""
-        t = time.perf_counter()
-        written = []
-        try:
-            write = sconet_io.write_segmentation if self.suffix == sconet_io.SEG_SUFFIX else sconet_io.write_image
-            written.append(write(labels, self.labels))
-            for path, image in maps.items():
-                written.append(sconet_io.write_image(image, path))
-            timings["write"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - start
-            sidecar["timings_s"] = {key: round(value, 3) for key, value in timings.items()}
-            written.append(write_json(sidecar, self.sidecar))
-        except BaseException:
-            for path in written:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            raise
-        return written
+    def prepare_folders(self) -> None:
+        """Before any computation: refuse folders that cannot be written (``OSError`` naming them) and sweep the
+        temporaries of killed runs from the existing ones (:func:`SCONetLib.io.remove_partial_outputs`)."""
+        folders = list(dict.fromkeys(path.parent for path in self.all))
+        for folder in folders:
+            sconet_io.check_writable_folder(folder)
+        for folder in folders:
+            sconet_io.remove_partial_outputs(folder)
 
 
 @contextlib.contextmanager
-def _recording_warnings():
+def recording_warnings():
     """Collect the messages of the warnings raised inside the block, and re-issue the warnings after it."""
     messages, caught = [], []
     try:
@@ -271,26 +283,7 @@ def default_output_path(input_path: Path, suffix: str = DEFAULT_SUFFIX) -> Path:
     input_path = Path(input_path)
     if input_path.is_dir():
         return Path.cwd() / f"{input_path.resolve().name}{OUTPUT_TAG}{suffix}"
-    return input_path.with_name(f"{_stem(input_path)}{OUTPUT_TAG}{suffix}")
-
-
-def _stem(path: Path) -> str:
-    """File name without its image suffix (``case.nii.gz`` → ``case``)."""
-    lower = path.name.lower()
-    for suffix in _INPUT_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[:-len(suffix)]
-    return path.stem
-
-
-def _output_suffix(output: Path) -> str:
-    """The (lower-case) supported suffix of ``output``; ``ValueError`` listing the supported ones otherwise."""
-    lower = output.name.lower()
-    for suffix in sorted(OUTPUT_SUFFIXES, key=len, reverse=True):
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return suffix
-    raise ValueError(f"unsupported output file name {str(output)!r}: expected a name ending in one of "
-                     f"{list(OUTPUT_SUFFIXES)}")
+    return input_path.with_name(f"{sconet_io.image_stem(input_path.name)}{OUTPUT_TAG}{suffix}")
 
 
 def _refuse_overwriting_input(paths: list, input_path: Path) -> None:
@@ -316,143 +309,11 @@ def model_summary(segmenter: Segmenter) -> dict:
     config = segmenter.model.config
     return {
         "weights": None if segmenter.weights_path is None else str(Path(segmenter.weights_path).resolve()),
-        "config": config.to_dict() if hasattr(config, "to_dict") else _jsonable(vars(config)),
-        "metadata": _jsonable(segmenter.metadata),
+        "config": config.to_dict() if hasattr(config, "to_dict") else sconet_io.jsonable(vars(config)),
+        "metadata": sconet_io.jsonable(segmenter.metadata),
     }
 
 
 def _grid_dict(grid: Grid) -> dict:
     return {"size": list(grid.size), "spacing_mm": list(grid.spacing), "origin_lps_mm": list(grid.origin),
             "direction": list(grid.direction)}
-
-
-def _jsonable(value):
-    """``value`` with paths, numpy scalars/arrays and tuples turned into JSON types (others via ``str``)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Segment the liver, kidneys, spleen and pancreas in an abdominal CT with SCONet. Without "
-                    "INPUT, run the demo: segment a synthetic phantom and write a figure. Details: "
-                    "help(SCONetLib.segment.segment_file).")
-    parser.add_argument("input", nargs="?", metavar="INPUT",
-                        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or DICOM series folder")
-    parser.add_argument("-o", "--output", metavar="OUTPUT",
-                        help="label map to write (.nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for a Slicer "
-                             "segmentation); default <stem>_sconet.nii.gz beside INPUT (current folder for DICOM). "
-                             "Demo: the output folder (default ./sconet-demo)")
-    parser.add_argument("--spacing", nargs="+", type=float, metavar="MM",
-                        help="output spacing in mm: one value (isotropic) or three (i j k); default: input grid")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--weights", metavar="W", help="SCONet checkpoint (default: the bundled model)")
-    parser.add_argument("--probabilities", metavar="DIR",
-                        help="also write per-organ probability maps and the entropy map into DIR")
-    parser.add_argument("--dense", action="store_true", help="decode every voxel (exact, slower)")
-    parser.add_argument("--points", type=int, default=DEFAULT_N_POINTS, metavar="N",
-                        help=f"points of the input cloud (default {DEFAULT_N_POINTS})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    return parser
-
-
-def main(argv=None) -> int:
-    """Entry point of ``sconet-segment``; returns the exit status (0 ok, 1 error, 2 usage, 130 cancelled)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.spacing is not None and len(args.spacing) not in (1, 3):
-        parser.error(f"--spacing takes one or three values (mm), got {len(args.spacing)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format=f"{PROG}: %(levelname)s: %(message)s")
-    if args.input is None and (args.spacing is not None or args.probabilities is not None):
-        parser.error("--spacing and --probabilities need an INPUT (without INPUT, the demo runs)")
-    spacing = None if args.spacing is None else (args.spacing[0] if len(args.spacing) == 1 else args.spacing)
-    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            if args.input is None:
-                from .demo import run_demo
-                demo = run_demo(args.output or "sconet-demo", weights=args.weights, device=args.device,
-                                dense=args.dense, n_points=args.points, progress=bar)
-                _finish(bar)
-                _print_result(demo.result, extra=f"figure: {demo.figure}")
-            else:
-                result = segment_file(args.input, args.output, spacing=spacing, device=args.device,
-                                      weights=args.weights, probabilities_dir=args.probabilities, dense=args.dense,
-                                      n_points=args.points, arguments=vars(args), progress=bar)
-                _finish(bar)
-                _print_result(result)
-    except (Cancelled, KeyboardInterrupt):
-        _finish(bar)
-        print(f"{PROG}: cancelled; nothing was written", file=sys.stderr)
-        return 130
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError, RuntimeError, OSError) as error:
-        _finish(bar)
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
-def _finish(bar) -> None:
-    if bar is not None:
-        bar.close()
-
-
-def _print_result(result: SegmentationResult, extra: str | None = None) -> None:
-    grid = Grid.of(result.labels)
-    print(f"{PROG}: wrote {result.output}")
-    print(f"  grid {' × '.join(str(n) for n in grid.size)} voxels of "
-          f"{' × '.join(f'{s:.3g}' for s in grid.spacing)} mm")
-    for organ in ORGANS:
-        score = f"   Dice {result.dice[organ.name]:.3f}" if organ.name in result.dice else ""
-        print(f"  {organ.display_name:<10}{result.volumes_ml[organ.name]:>10.1f} mL{score}")
-    print("  time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in result.timings_s.items()))
-    for path in result.files[1:]:
-        print(f"  also wrote {path}")
-    if extra:
-        print(f"  {extra}")
-
-
-class _ProgressBar:
-    """Text progress bar on a terminal stream: ``[#####     ]  50% message``."""
-
-    WIDTH = 30
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.shown = False
-
-    def __call__(self, fraction: float, message: str) -> None:
-        filled = int(round(fraction * self.WIDTH))
-        text = f"\r[{'#' * filled}{' ' * (self.WIDTH - filled)}] {fraction:4.0%} {message[:60]:<60}"
-        self.stream.write(text)
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.shown = False
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ import torch
 
 from SCONetLib import evaluate
 from SCONetLib.checkpoint import load_checkpoint, save_checkpoint
+from SCONetLib.cli import evaluate_main
 from SCONetLib.evaluate import HD_NONE_COMPUTED, evaluate_cases, format_table, score_case, summarize
 from SCONetLib.model import SCONet
 
@@ -122,6 +123,8 @@ def test_evaluate_cases_scores_times_and_skips(tmp_path, truth_and_prediction):
     assert content["summary"]["hd"]["spleen"]["mean"] is None  # NaN → null in JSON
     assert content["cases"][0]["case_id"] == "good" and "Dice" in content["table"]
     assert paths["summary_csv"].read_text(encoding="utf-8").splitlines()[0] == "metric,statistic,liver,kidneys,spleen,pancreas,mean"
+    plots = sitk.ReadImage(str(paths["plots"]))                   # box plots of Dice and HD95 per organ
+    assert plots.GetSize()[0] > 500 and plots.GetNumberOfComponentsPerPixel() in (3, 4)
 
 
 def test_command_line_end_to_end(tmp_path, capsys):
@@ -132,7 +135,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
         _synthetic_case(root, f"Case_{k:05d}", shift=k)
     torch.manual_seed(0)
     weights = save_checkpoint(tmp_path / "untrained.pt", SCONet(grid_resolution=8))
-    status = evaluate.main(["--data", str(root), "--weights", str(weights), "--split", "all", "--out",
+    status = evaluate_main(["--data", str(root), "--weights", str(weights), "--split", "all", "--out",
                             str(tmp_path / "out"), "--points", "2000", "--device", "cpu",
                             "--record-in", str(tmp_path / "release.pt")])
     assert status == 0
@@ -144,4 +147,4 @@ def test_command_line_end_to_end(tmp_path, capsys):
     model, metadata = load_checkpoint(tmp_path / "release.pt")
     assert metadata["evaluation"]["summary"]["dice"]["liver"]["n"] == 2 and "HD95" in metadata["evaluation"]["table"]
     assert json.loads((tmp_path / "release.json").read_text(encoding="utf-8"))["evaluation"]["settings"]["n_points"] == 2000
-    assert evaluate.main(["--data", str(tmp_path / "nothing"), "--weights", str(weights)]) == 1
+    assert evaluate_main(["--data", str(tmp_path / "nothing"), "--weights", str(weights)]) == 1

@@ -19,7 +19,8 @@ from SCONetLib import infer
 from SCONetLib.checkpoint import CheckpointError, default_weights_path, save_checkpoint
 import SCONetLib.checkpoint as checkpoint_module
 from SCONetLib.geometry import Grid, ObjectFrame
-from SCONetLib.infer import Segmenter, resolve_device
+from SCONetLib.device import resolve_device
+from SCONetLib.infer import Segmenter
 from SCONetLib.model import ModelConfig, SCONet
 from SCONetLib.phantom import make_phantom
 from SCONetLib.points import PointCloud

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from SCONetLib.model import (MODEL_PRESETS, SCONet, ModelConfig, build_model, cell_index, load_reference_state_dict,
                              normalize_to_unit_cube)
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "sconet_forward_A.npz"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "sconet_forward_A.npz"
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +316,9 @@ def test_config_round_trip_and_presets():
     (lambda: ModelConfig.from_dict({"grid_resoluton": 32}), ValueError, r"unknown ModelConfig keys \['grid_reso"),
     (lambda: ModelConfig.from_dict([("grid_resolution", 32)]), TypeError, "ModelConfig must be a mapping"),
     (lambda: ModelConfig(grid_resolution=30), ValueError, "multiple of 4"),
-    (lambda: ModelConfig(grid_resolution=0), ValueError, "grid_resolution must be a positive integer"),
-    (lambda: ModelConfig(grid_resolution=32.0), ValueError, "grid_resolution must be a positive integer"),
-    (lambda: ModelConfig(num_classes=True), ValueError, "num_classes must be a positive integer"),
+    (lambda: ModelConfig(grid_resolution=0), ValueError, "grid_resolution must be an integer >= 1"),
+    (lambda: ModelConfig(grid_resolution=32.0), ValueError, "grid_resolution must be an integer >= 1"),
+    (lambda: ModelConfig(num_classes=True), ValueError, "num_classes must be an integer >= 1"),
     (lambda: ModelConfig(num_classes=1), ValueError, "at least 2"),
     (lambda: ModelConfig(use_surf="yes"), ValueError, "use_surf must be True or False"),
     (lambda: ModelConfig(scale_mm=-400.0), ValueError, "scale_mm > 0"),

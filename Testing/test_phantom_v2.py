@@ -93,7 +93,7 @@ def test_version_1_images_are_unchanged():
 
 @pytest.mark.parametrize("kwargs, match", [({"version": 3}, "version must be one of"),
                                             ({"version": True}, "version must be one of"),
-                                            ({"max_slices": 1}, "max_slices must be None or an integer >= 2")])
+                                            ({"max_slices": 1}, "max_slices must be an integer >= 2 or None")])
 def test_bad_version_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         phantom.make_phantom(0, size=(32, 32, 4), **kwargs)

@@ -660,7 +660,8 @@ def test_pip_ensure_is_used_when_slicer_has_it(requirements_file, monkeypatch):
 def test_requirements_cover_the_engine_imports():
     """Every third-party package SCONetLib imports ships with Slicer, comes from the PyTorch extension or is in
     Resources/requirements.txt."""
-    shipped_with_slicer = {"numpy", "SimpleITK", "vtk", "torch", "packaging"}
+    shipped_with_slicer = {"numpy", "SimpleITK", "vtk", "torch", "packaging",
+                           "matplotlib"}  # only SCONetLib.figures (command lines), not on the module's path
     distribution = {"skimage": "scikit-image", "yaml": "PyYAML"}
     listed = {re.split(r"[<>=!~ \[]", line.strip())[0].lower()
               for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()

@@ -1,10 +1,9 @@
-"""Parity of SCONetLib.points.surf3d with the original vtkOpenSURF3D ``surf3d`` tool (golden vectors).
+"""Parity of SCONetLib.points.surf3d (module SCONetLib.points.surf) with the original vtkOpenSURF3D ``surf3d`` tool (golden vectors).
 
-The golden set (``shared/golden/surf3d``) holds two synthetic CT volumes and, for 500 points each, the descriptors
-computed by the original C++ tool with SCONet's options. Points are given in RAS world mm; we read the NIfTI files
-with SimpleITK (LPS, true direction) and pass ``points_world · (-1, -1, 1)``.
+The golden set (``Testing/data/golden/surf3d``, see ``Testing/data/README.md``) holds two synthetic CT volumes and,
+for 500 points each, the descriptors computed by the original C++ tool with SCONet's options. Points are given in
+RAS world mm; we read the NIfTI files with SimpleITK (LPS, true direction) and pass ``points_world · (-1, -1, 1)``.
 """
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,9 @@ import SimpleITK as sitk
 from SCONetLib.geometry import ras_to_lps
 from SCONetLib.points import surf3d
 
-surf3d_module = importlib.import_module("SCONetLib.points.surf3d")   # the package attribute is the function
+from SCONetLib.points import surf as surf3d_module
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "surf3d"
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "surf3d"
 VOLUMES = ["a", "b"]
 #: Required by the golden README: per point, max |diff| ≤ 1e-3 · max |reference|.
 TOLERANCE = 1e-3

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import check_keys
+from ..validate import check_int, check_keys, check_number
 from ..geometry import DEFAULT_PADDING, DEFAULT_SCALE_MM
 from .decoder import LocalDecoder
 from .encoder import SURF_FEATURES, PointNetEncoder
@@ -63,13 +63,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                                        or value < 1):
-                raise ValueError(f"ModelConfig.{field.name} must be a positive integer, got {value!r}")
-            if field.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                          or not np.isfinite(value)):
-                raise ValueError(f"ModelConfig.{field.name} must be a finite number, got {value!r}")
+            if field.type == "int":
+                check_int(f"ModelConfig.{field.name}", getattr(self, field.name))
+            if field.type == "float":
+                check_number(f"ModelConfig.{field.name}", getattr(self, field.name))
         if not isinstance(self.use_surf, bool):
             raise ValueError(f"ModelConfig.use_surf must be True or False, got {self.use_surf!r}")
         if self.num_classes < 2:

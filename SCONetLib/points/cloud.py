@@ -12,8 +12,9 @@ import SimpleITK as sitk
 from ..geometry import ObjectFrame
 from ..io import atomic_output
 from ..progress import ProgressCallback, report, sub_progress
+from ..validate import check_int
 from .canny import _canny_points, check_ct_image
-from .surf3d import DEFAULT_SCALE_MM, DESCRIPTOR_SIZE, _surf3d
+from .surf import DEFAULT_SCALE_MM, DESCRIPTOR_SIZE, _surf3d
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_P
     the drawn points, whereas the reference takes them over all edge points before drawing; the stored values
     therefore differ by at most one quantisation step of the column.
     """
-    if n_points is not None and (isinstance(n_points, bool) or not isinstance(n_points, (int, np.integer))
-                                 or n_points <= 0):
-        raise ValueError(f"n_points must be a positive integer or None, got {n_points!r}")
+    check_int("n_points", n_points, allow_none=True)
     check_ct_image(image)
     report(progress, 0.0, "Canny edges")
     edges_lps = _canny_points(image)
