@@ -50,7 +50,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-import yaml
 
 from SCONetLib.checkpoint import (capture_rng_state, load_training_checkpoint, restore_rng_state,
                                   save_checkpoint)
@@ -210,7 +209,12 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def load_config(path) -> dict:
-    """The mapping in a YAML file (not yet validated; see :meth:`TrainConfig.from_dict`)."""
+    """The mapping in a YAML file (not yet validated; see :meth:`TrainConfig.from_dict`).
+
+    PyYAML is imported here, not at module level: only training reads YAML, and 3D Slicer does not bundle it.
+    """
+    import yaml
+
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
