@@ -27,7 +27,7 @@ Requests (stdin), each with a client-chosen integer ``id`` and an ``op``:
 
 Replies (stdout), each with the request's ``id``: ``{"event": "progress", "fraction": f, "message": m}`` (at most
 every :data:`PROGRESS_INTERVAL_S` for the same message), then one of ``done`` (the op's result, ``warnings``: the
-engine's warnings as text), ``error`` (``type``: exception class name, ``message``) or ``cancelled``. ``done``,
+engine's warnings as text, ``seconds``: the op's wall time in the worker), ``error`` (``type``: exception class name, ``message``) or ``cancelled``. ``done``,
 ``error`` and ``cancelled`` also carry ``prepared``: ``[key, weights, device]`` of the volume the worker now
 holds, or null. At start the worker writes ``{"event": "ready", "protocol": 1, "pid": …, "python": …}``.
 Anything else the process prints goes to stderr.
@@ -228,10 +228,12 @@ class _Server:
                     raise Cancelled("cancelled before it started")
                 if op not in handlers:
                     raise ValueError(f"unknown op {op!r}; expected one of {sorted(handlers)} or cancel, quit")
+                start = time.perf_counter()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     result = handlers[op](request, self.progress_for(request_id))
                 result["warnings"] = [str(w.message) for w in caught]
+                result["seconds"] = round(time.perf_counter() - start, 4)
                 self.send({"id": request_id, "event": "done", **result, **self.state()})
             except Cancelled:
                 self.send({"id": request_id, "event": "cancelled", **self.state()})

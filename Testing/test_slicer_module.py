@@ -852,22 +852,54 @@ def test_missing_packages_declined_or_offline(requirements_file, monkeypatch, sl
         Logic.installRequirements(requirements_file)   # the stand-in's pip_install fails like an offline pip
 
 
-def module_level_imports(path: Path) -> set:
-    """Top-level package names imported at module level (not inside functions) by a Python file."""
+def imports_of(path: Path, package: str) -> set:
+    """Absolute names of every module a Python file imports (at any depth), relative imports resolved against
+    ``package`` (the file's package)."""
     names = set()
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        for inner in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
-            if isinstance(inner, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in inner.names)
-            elif isinstance(inner, ast.ImportFrom) and inner.level == 0:
-                names.add(inner.module.split(".")[0])
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def gui_path_imports() -> set:
+    """Top-level third-party names imported by the module and every SCONetLib module it (or the worker, whose
+    default segmenter is SCONetLib.infer) can reach."""
+    def source(name):
+        path = REPO / Path(*name.split("."))
+        return (path / "__init__.py", name) if path.is_dir() else (path.with_suffix(".py"), name.rpartition(".")[0])
+
+    pending = {name for name in imports_of(MODULE_DIR / "SCONetSegmentation.py", "") if name.startswith("SCONetLib")}
+    pending.add("SCONetLib.infer")
+    seen, external = set(), set()
+    while pending:
+        name = pending.pop()
+        path, package = source(name)
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for imported in imports_of(path, package):
+            if imported.split(".")[0] == "SCONetLib":
+                pending.add(imported)
+            else:
+                external.add(imported.split(".")[0])
+    return external | {name.split(".")[0] for name in imports_of(MODULE_DIR / "SCONetSegmentation.py", "")}
 
 
 def is_stdlib(name: str) -> bool:
     """Whether a top-level module belongs to the standard library (Python 3.9 lacks sys.stdlib_module_names)."""
     import sysconfig
 
+    names = getattr(sys, "stdlib_module_names", None)
+    if names is not None:
+        return name in names
     if name in sys.builtin_module_names:
         return True
     spec = importlib.util.find_spec(name)
@@ -877,23 +909,20 @@ def is_stdlib(name: str) -> bool:
     return spec.origin.startswith(roots) and "site-packages" not in spec.origin
 
 
-def test_requirements_cover_the_inference_imports_and_not_pyyaml():
-    """Every third-party package that a SCONetLib module imports at load time ships with Slicer, comes from the
-    PyTorch extension or is in Resources/requirements.txt; PyYAML (training only) is not required."""
-    shipped_with_slicer = {"numpy", "SimpleITK", "vtk", "torch", "packaging", "scipy"}
-    distribution = {"skimage": "scikit-image"}
+def test_gui_path_needs_only_what_slicer_ships_or_requirements_list():
+    """What the module, the worker and the inference engine import ships with Slicer, comes from the PyTorch
+    extension or is in Resources/requirements.txt. PyYAML (training only) is not on that path and not required."""
+    shipped_with_slicer = {"numpy", "SimpleITK", "vtk", "torch", "packaging", "scipy", "qt", "slicer", "ctk",
+                           "PyTorchUtils"}   # PyTorchUtils: the PyTorch extension (EXTENSION_DEPENDS)
     listed = {re.split(r"[<>=!~ \[]", line.strip())[0].lower()
               for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8").splitlines()
               if line.strip() and not line.startswith("#")}
     assert "pyyaml" not in listed
-    stdlib = getattr(sys, "stdlib_module_names", None)
-    imported = set()
-    for path in (REPO / "SCONetLib").rglob("*.py"):
-        imported |= module_level_imports(path)
-    third_party = {name for name in imported - {"SCONetLib", "__future__"}
-                   if not (name in stdlib if stdlib is not None else is_stdlib(name))}
-    assert "yaml" not in third_party, "import yaml lazily, where training reads YAML"
-    missing = {name for name in third_party - shipped_with_slicer if distribution.get(name, name).lower() not in listed}
+    third_party = {name for name in gui_path_imports() if not is_stdlib(name)} - {"SCONetLib", "__future__", ""}
+    assert "yaml" not in third_party, "the module, the worker or inference imports yaml; import it where training " \
+                                      "reads YAML"
+    assert {"torch", "numpy", "SimpleITK", "scipy"} <= third_party     # the walk reaches the engine
+    missing = {name for name in third_party - shipped_with_slicer if name.lower() not in listed}
     assert not missing, f"add {sorted(missing)} to SCONetSegmentation/Resources/requirements.txt"
 
 
