@@ -98,8 +98,9 @@ WORKER_PYTHON_VARIABLE = "SCONET_WORKER_PYTHON"
 
 
 def workerPython() -> str:
-    """Interpreter of the worker process: ``$SCONET_WORKER_PYTHON`` if set, else ``PythonSlicer`` (on ``PATH``
-    inside Slicer, whose ``sys.executable`` is the application itself), else ``sys.executable``."""
+    """Interpreter of the worker process: ``$SCONET_WORKER_PYTHON`` if set, else ``PythonSlicer`` (Slicer's own
+    Python, on ``PATH`` inside Slicer, as SlicerTotalSegmentator and SlicerMONAIAuto3DSeg find it), else
+    ``sys.executable``."""
     return os.environ.get(WORKER_PYTHON_VARIABLE) or shutil.which("PythonSlicer") or sys.executable
 
 
