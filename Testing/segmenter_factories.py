@@ -9,7 +9,8 @@ spread over 5 progress steps), ``fail_in`` (stage raising ``ValueError``), ``war
 ``prepare``), ``print`` (text printed to stdout by ``prepare``, which must not disturb the protocol).
 
 ``untrained`` is the real ``SCONetLib.infer.Segmenter`` around a seeded, untrained configuration-A model with
-2,000 points (labels are meaningless; the API, geometry and the prepare-once contract are what tests check).
+2,000 points (labels are meaningless; the API, geometry and the prepare-once contract are what tests check); given
+``weights`` it loads them as ``Segmenter`` does.
 """
 from __future__ import annotations
 
@@ -85,5 +86,7 @@ def untrained(weights=None, device="cpu"):
     from SCONetLib.infer import Segmenter
     from SCONetLib.model import build_model
 
+    if weights is not None:
+        return Segmenter(weights=weights, device=device, n_points=2000)
     torch.manual_seed(0)
     return Segmenter.from_model(build_model("A"), device=device, n_points=2000)

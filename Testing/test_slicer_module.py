@@ -673,17 +673,6 @@ def test_invalid_arguments(logic, kwargs, error, match):
     assert logic._client is None      # checked before any worker is started
 
 
-def test_missing_weights_file_is_reported_with_its_type(tmp_path):
-    """The real engine's error crosses the process boundary with its type and message."""
-    volume = add_label_volume(blob_labels(), np.eye(4))
-    logic = Logic(workerCommand=[engine_python(), "-m", "SCONetLib.worker"])
-    try:
-        with pytest.raises(FileNotFoundError, match="nothing.pt"):
-            logic.process(volume, None, device="cpu", weights=tmp_path / "nothing.pt")
-    finally:
-        logic.shutdown()
-
-
 # ---------------------------------------------------------------------------------------------------- spacing and params
 
 
@@ -1239,7 +1228,8 @@ def test_icons_are_128_pixel_pngs_with_content(path):
 
 def test_real_engine_through_the_worker_without_pyyaml(tmp_path, monkeypatch):
     """The logic drives SCONetLib.infer.Segmenter in the worker (an untrained model: labels are meaningless; the
-    API, output grids and the prepare-once contract are checked), with PyYAML unimportable in both processes."""
+    API, output grids, the prepare-once contract and error types are checked), with PyYAML unimportable in both
+    processes (a yaml module that raises ImportError for the worker, None in sys.modules here)."""
     blocker = tmp_path / "no_yaml"
     blocker.mkdir()
     (blocker / "yaml.py").write_text("raise ImportError('PyYAML is not installed (blocked by the test)')\n")
@@ -1273,7 +1263,11 @@ def test_real_engine_through_the_worker_without_pyyaml(tmp_path, monkeypatch):
                 assert np.all(extent[0::2] >= 0) and np.all(extent[1::2] < expected.size)
         assert checked >= 1, "the untrained model (seed 0) labels some voxels liver or spleen"
         assert dicom_seg_referenced_volume(segmentation) is volume
-        assert "yaml" not in {name.split(".")[0] for name in sys.modules if sys.modules[name] is not None}
+
+        before = snapshot(segmentation)    # the engine's own errors cross the process boundary with their type
+        with pytest.raises(FileNotFoundError, match="nothing.pt"):
+            logic.process(volume, segmentation, device="cpu", weights=tmp_path / "nothing.pt")
+        assert snapshot(segmentation) == before and logic.client().starts == 1
     finally:
         logic.shutdown()
 
