@@ -773,8 +773,12 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
         outputs = {"labels": client.new_path("labels"), "entropy": client.new_path("entropy") if uncertainty else None}
         job.files += [path for path in outputs.values() if path]
         job.context = (inputVolume, outputSegmentation, organTuple, spacing, uncertaintyVolume, createSurfaces)
-        job.request = client.submit("segment", image=image, key=self.volumeKey(inputVolume),
-                                    weights=self._weightsText(weights), device=device, spacing=spacing, **outputs)
+        try:
+            job.request = client.submit("segment", image=image, key=self.volumeKey(inputVolume),
+                                        weights=self._weightsText(weights), device=device, spacing=spacing, **outputs)
+        except Exception:   # e.g. the worker cannot be started
+            self._removeFiles(job)
+            raise
 
     def _poll(self) -> None:
         """Timer callback (main thread): forward progress; when the request has finished, write the result."""

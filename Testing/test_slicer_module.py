@@ -605,6 +605,17 @@ def test_result_for_a_removed_volume_is_refused(logic):
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_a_worker_that_cannot_start_is_reported(tmp_path):
+    logic = Logic(workerCommand=[str(tmp_path / "no-python"), "-m", "SCONetLib.worker"])
+    volume = add_label_volume(blob_labels(), np.eye(4))
+    try:
+        with pytest.raises(RuntimeError, match=r"^could not start the SCONet worker \(.*no-python\): "):
+            logic.process(volume, None, device="cpu")
+        assert os.listdir(logic.client()._tempdir) == [] and not logic.isBusy()
+    finally:
+        logic.shutdown()
+
+
 def test_error_while_writing_removes_what_was_added(previous_result, monkeypatch):
     logic, volume, segmentation, before = previous_result
     original = slicer.vtkMRMLSegmentationNode.AddSegmentFromBinaryLabelmapRepresentation

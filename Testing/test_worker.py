@@ -221,3 +221,10 @@ def test_the_real_engine_gives_the_same_labels_in_the_worker(monkeypatch):
         labels = remote.segment(spacing=8.0)
     assert Grid.of(labels) == Grid.of(expected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(expected))
+
+
+def test_a_worker_that_cannot_start(tmp_path):
+    client = WorkerClient([str(tmp_path / "no-python"), "-m", "SCONetLib.worker"])
+    with pytest.raises(RuntimeError, match=r"^could not start the SCONet worker \(.*no-python\): "):
+        client.call("stats")
+    assert not client.running and client.starts == 0
