@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import yaml
 
 from .data import DataConfig
 from .device import check_device_name
@@ -150,7 +149,12 @@ class TrainConfig:
 
 
 def load_config(path) -> dict:
-    """The mapping in a YAML file (not yet validated; see :meth:`TrainConfig.from_dict`)."""
+    """The mapping in a YAML file (not yet validated; see :meth:`TrainConfig.from_dict`).
+
+    PyYAML is imported here, not at module level: only training reads YAML, and the Slicer module's inference
+    path must not need it (3D Slicer does not bundle PyYAML)."""
+    import yaml
+
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))

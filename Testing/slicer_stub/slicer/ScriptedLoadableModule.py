@@ -1,8 +1,12 @@
 """Stand-in for ``slicer.ScriptedLoadableModule``: the four base classes a scripted module derives from."""
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import unittest
+
+import qt
 
 import slicer
 
@@ -24,11 +28,43 @@ class ScriptedLoadableModule:
         slicer.selfTests[self.moduleName] = self.runTest
 
     def runTest(self, msec=100, **kwargs):
-        raise NotImplementedError("run the module's test case with unittest in the stand-in")
+        """As Slicer's self-test and "Reload and Test": ``<Module>Test().runTest()``, outside a unittest runner."""
+        module = importlib.import_module(self.__module__)
+        testCase = getattr(module, self.moduleName + "Test")()
+        testCase.messageDelay = msec
+        testCase.runTest(**kwargs)
 
 
 class ScriptedLoadableModuleWidget:
-    """Never instantiated in the stand-in (there is no Qt): only needed as a base class."""
+    """Slicer creates the widget inside its module panel (``parent``) and calls ``setup()`` afterwards; without a
+    parent a top-level panel is made and ``setup()`` runs at once. ``cleanup()`` is called on reload."""
+
+    def __init__(self, parent=None):
+        super().__init__()
+        self.moduleName = self.__class__.__name__
+        if self.moduleName.endswith("Widget"):
+            self.moduleName = self.moduleName[:-6]
+        self.developerMode = False
+        if not parent:
+            self.parent = slicer.qMRMLWidget()
+            self.parent.setLayout(qt.QVBoxLayout())
+            self.parent.setMRMLScene(slicer.mrmlScene)
+        else:
+            self.parent = parent
+        self.layout = self.parent.layout()
+        if not parent:
+            self.setup()
+            self.parent.show()
+
+    def resourcePath(self, filename):
+        scriptedModulesPath = os.path.dirname(slicer.util.modulePath(self.moduleName))
+        return os.path.join(scriptedModulesPath, "Resources", filename)
+
+    def cleanup(self):
+        pass
+
+    def setup(self):
+        pass
 
 
 class ScriptedLoadableModuleLogic:
@@ -41,9 +77,11 @@ class ScriptedLoadableModuleLogic:
 
     def getParameterNode(self):
         node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.mrmlScene.AddNode(self.createParameterNode())
-        return node
+        if node is not None:
+            if node.GetAttribute("ModuleName") != self.moduleName:   # removed by a scene close
+                node.SetAttribute("ModuleName", self.moduleName)
+            return node
+        return slicer.mrmlScene.AddNode(self.createParameterNode())
 
     def createParameterNode(self):
         node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")

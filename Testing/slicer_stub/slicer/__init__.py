@@ -1,6 +1,7 @@
-"""Stand-in for 3D Slicer's ``slicer`` package (see ../README.md): MRML classes, ``mrmlScene``, ``app``.
+"""Stand-in for 3D Slicer's ``slicer`` package (see ../README.md): MRML classes and widgets, ``mrmlScene``, ``app``.
 
-Importing it makes a fresh scene; ``app.processEvents()`` runs due ``qt.QTimer.singleShot`` callbacks.
+Importing it makes a fresh scene; ``app.processEvents()`` runs the ``qt.QTimer`` callbacks that are due.
+``app.majorVersion`` / ``app.minorVersion`` choose version-dependent behaviour (``connectGui``'s return value).
 """
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ from ._mrml import (  # noqa: F401  (re-exported under their Slicer names)
     vtkSegmentation,
     vtkSegmentationConverter,
 )
+from ._widgets import (  # noqa: F401
+    qMRMLNodeComboBox,
+    qMRMLSegmentationShow3DButton,
+    qMRMLWidget,
+    qSlicerScriptedLoadableModuleWidget,
+)
 
 
 class _Application:
@@ -34,6 +41,8 @@ class _Application:
 
     def __init__(self):
         self._testing = True
+        self.majorVersion = 5
+        self.minorVersion = 8
 
     def testingEnabled(self):
         return self._testing
@@ -46,3 +55,5 @@ mrmlScene = vtkMRMLScene()
 app = _Application()
 modules = types.SimpleNamespace()
 selfTests = {}
+
+from . import util  # noqa: E402,F401  (loaded at startup in Slicer)

@@ -138,6 +138,11 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
         if self._parameters.pop(name, None) is not None:
             self.Modified()
 
+    def Reset(self, defaultNode=None):
+        """What a scene close does to a singleton node: back to a new node's content (tag, name and ID kept)."""
+        self._parameters, self._attributes, self._references = {}, {}, {}
+        self.Modified()
+
 
 class vtkMRMLTransformableNode(vtkMRMLNode):
     """A node that can sit under a parent transform (reference role ``transform``)."""
@@ -208,12 +213,15 @@ class vtkMRMLGridTransformNode(vtkMRMLTransformNode):
 
 
 class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
+    """The voxels are held on the VTK (C++) side only, as in Slicer: ``GetImageData()`` hands out a new Python
+    wrapper whenever no Python reference to the previous one is left, so ``id()`` of it is no identity."""
+
     ImageDataModifiedEvent = 18001
 
     def __init__(self):
         super().__init__()
         self._ijk_to_ras = vtk.vtkMatrix4x4()
-        self._image_data = None
+        self._image_holder = vtk.vtkCollection()
 
     def SetIJKToRASMatrix(self, mat):
         self._ijk_to_ras.DeepCopy(mat)
@@ -232,11 +240,13 @@ class vtkMRMLVolumeNode(vtkMRMLTransformableNode):
         return tuple(float(o) for o in _array_from_matrix(self._ijk_to_ras)[:3, 3])
 
     def SetAndObserveImageData(self, imageData):
-        self._image_data = imageData
+        self._image_holder.RemoveAllItems()
+        if imageData is not None:
+            self._image_holder.AddItem(imageData)
         self.Modified()
 
     def GetImageData(self):
-        return self._image_data
+        return self._image_holder.GetItemAsObject(0) if self._image_holder.GetNumberOfItems() else None
 
     def StorableModified(self):
         pass
@@ -637,6 +647,8 @@ class vtkMRMLScene(vtk.vtkObject):
     def AddNode(self, node):
         class_name = node.GetClassName()
         counter = self._id_counters.get(class_name, 0) + 1
+        while self.GetNodeByID(f"{class_name}{counter}") is not None:   # a singleton kept by Clear()
+            counter += 1
         self._id_counters[class_name] = counter
         node._id = f"{class_name}{counter}"
         node._scene = self
@@ -682,9 +694,16 @@ class vtkMRMLScene(vtk.vtkObject):
                      if node.IsA(className) and node.GetSingletonTag() == singletonTag), None)
 
     def Clear(self, removeSingletons=False):
+        """As ``vtkMRMLScene::Clear``: StartCloseEvent, remove the nodes (singletons are reset instead unless
+        ``removeSingletons``), new node IDs start again, EndCloseEvent."""
+        self.InvokeEvent(self.StartCloseEvent)
         for node in list(self._nodes):
             if removeSingletons or node.GetSingletonTag() is None:
                 self.RemoveNode(node)
+            elif hasattr(node, "Reset"):
+                node.Reset(None)
+        self._id_counters = {}
+        self.InvokeEvent(self.EndCloseEvent)
 
 
 NODE_CLASSES = {cls.__name__: cls for cls in (

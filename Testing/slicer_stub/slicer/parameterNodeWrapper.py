@@ -2,14 +2,21 @@
 
 Serialises like Slicer's (bool as ``"True"``/``"False"``, numbers and paths with ``str``, nodes as node
 references), applies defaults and the validators SCONet uses, and exposes ``allParameters`` / ``dataType`` /
-``getValue`` / ``setValue`` / ``parameterNode`` / ``AddObserver`` / ``StartModify``. GUI connection
-(``connectGui``) needs Qt and is not emulated.
+``getValue`` / ``setValue`` / ``parameterNode`` / ``AddObserver`` / ``StartModify``.
+
+GUI connection follows ``wrapper.py`` and ``guiConnectors.py``: ``connectParametersToGui(mapping)`` returns a tag,
+``connectGui(gui)`` returns it only from Slicer 5.10 on (``None`` before: its connections cannot be removed),
+``disconnectGui(tag)``. Connectors match the widget's exact class, as Slicer's do.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
 import typing
+
+import ctk
+import qt
+import vtk
 
 import slicer
 
@@ -97,6 +104,8 @@ def _write(info, node, value):
 
 
 def _read(info, node):
+    if not _is_node_type(info.basetype) and not node.HasParameter(info.basename):
+        _write(info, node, info.default.value)   # e.g. after a scene close reset the node
     if _is_node_type(info.basetype):
         return node.GetNodeReference(info.basename)
     text = node.GetParameter(info.basename)
@@ -130,6 +139,9 @@ def _process_class(classtype):
 
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
+        self._parameterGUIs = {}
+        self._nextParameterGUIsTag = 0
+        self._updatingGUIFromParameterNode = False
         for info in parameters.values():
             if not parameterNode.HasParameter(info.basename):
                 _write(info, parameterNode, info.default.value)
@@ -146,7 +158,167 @@ def _process_class(classtype):
                              self.parameterNode.AddObserver(event, callback, priority))
     classtype.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
     classtype.Modified = lambda self: self.parameterNode.Modified()
+    classtype.connectParametersToGui = _connectParametersToGui
+    classtype.connectGui = _connectGui
+    classtype.disconnectGui = _disconnectGui
     return classtype
+
+
+# ---------------------------------------------------------------------------------------------------- GUI
+
+
+class _Connector:
+    """A widget adapted to a parameter type; ``onChanged(callback)`` connects (None: disconnects) its signal."""
+
+    signal = ""
+
+    def __init__(self, widget, datatype):
+        self.widget = widget
+        self._callback = None
+
+    def onChanged(self, callback):
+        if self._callback is not None:
+            getattr(self.widget, self.signal).disconnect(self.changed)
+        self._callback = callback
+        if callback is not None:
+            getattr(self.widget, self.signal).connect(self.changed)
+
+    def changed(self, *args):
+        if self._callback:
+            self._callback()
+
+
+class _CheckBoxConnector(_Connector):
+    signal = "stateChanged"
+
+    def read(self):
+        return self.widget.checked
+
+    def write(self, value):
+        self.widget.checked = value
+
+
+class _SliderConnector(_Connector):
+    signal = "valueChanged"
+
+    def __init__(self, widget, datatype):
+        super().__init__(widget, datatype)
+        ranges = [a for a in typing.get_args(datatype)[1:] if isinstance(a, WithinRange)]
+        if not ranges:
+            raise RuntimeError("Cannot have a connection to ctkSliderWidget where the float types is unbounded.")
+        widget.minimum, widget.maximum = ranges[0].minimum, ranges[0].maximum
+
+    def read(self):
+        return self.widget.value
+
+    def write(self, value):
+        self.widget.value = value
+
+
+class _ComboBoxConnector(_Connector):
+    signal = "currentIndexChanged"
+
+    def __init__(self, widget, datatype):
+        super().__init__(widget, datatype)
+        choices = [a for a in typing.get_args(datatype)[1:] if isinstance(a, Choice)]
+        if not choices:
+            raise RuntimeError("ComboBoxToStringableConnector requires the Choice annotation to be used.")
+        self._choices = choices[0].choices
+        widget.clear()
+        for choice in self._choices:
+            widget.addItem(str(choice))
+
+    def read(self):
+        return self._choices[self.widget.currentIndex]
+
+    def write(self, value):
+        self.widget.currentIndex = list(self._choices).index(value)
+
+
+class _PathConnector(_Connector):
+    signal = "currentPathChanged"
+
+    def read(self):
+        return pathlib.Path(self.widget.currentPath)
+
+    def write(self, value):
+        self.widget.currentPath = str(value)
+
+
+class _NodeComboBoxConnector(_Connector):
+    signal = "currentNodeChanged"
+
+    def __init__(self, widget, datatype):
+        super().__init__(widget, datatype)
+        widget.nodeTypes = [datatype.__name__]
+
+    def read(self):
+        return self.widget.currentNode()
+
+    def write(self, value):
+        self.widget.setCurrentNode(value)
+
+
+def _createGuiConnector(widget, datatype):
+    basetype = typing.get_args(datatype)[0] if typing.get_origin(datatype) is typing.Annotated else datatype
+    for widgetClass, types, connector in (
+            (qt.QCheckBox, (bool,), _CheckBoxConnector), (ctk.ctkSliderWidget, (float,), _SliderConnector),
+            (qt.QComboBox, (int, float, str, bool), _ComboBoxConnector),
+            (ctk.ctkPathLineEdit, _PATH_TYPES, _PathConnector)):
+        if type(widget) is widgetClass and basetype in types:
+            return connector(widget, datatype)
+    if type(widget) is slicer.qMRMLNodeComboBox and _is_node_type(basetype):
+        return _NodeComboBoxConnector(widget, basetype)
+    raise RuntimeError(f"Unable to create GUI connector from datatype '{datatype}' to widget type '{type(widget)}'")
+
+
+def _updateGUIFromParameterNode(self):
+    if self._updatingGUIFromParameterNode:
+        return
+    try:
+        self._updatingGUIFromParameterNode = True
+        for mapping in self._parameterGUIs.values():
+            for name, connector in mapping.items():
+                connector.write(self.getValue(name))
+    finally:
+        self._updatingGUIFromParameterNode = False
+
+
+def _connectParametersToGui(self, mapping):
+    for name in mapping:
+        if name not in self.allParameters:
+            raise ValueError(f"Cannot find a param with the given name: {name}")
+    connectors = {name: _createGuiConnector(widget, self.dataType(name)) for name, widget in mapping.items()}
+    tag = self._nextParameterGUIsTag
+    self._nextParameterGUIsTag += 1
+    self._parameterGUIs[tag] = connectors
+    for name, connector in connectors.items():
+        connector.write(self.getValue(name))
+
+        def guiToParameter(name=name, connector=connector):
+            if not self._updatingGUIFromParameterNode:
+                self.setValue(name, connector.read())
+
+        connector.onChanged(guiToParameter)
+    self.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: _updateGUIFromParameterNode(self))
+    return tag
+
+
+def _connectGui(self, gui):
+    """Before Slicer 5.10 ``connectGui`` does not return the tag (Slicer/Slicer issue #7547)."""
+    mapping = {}
+    for widget in vars(gui).values():
+        if widget.property("SlicerParameterName"):
+            mapping[widget.property("SlicerParameterName")] = widget
+    tag = _connectParametersToGui(self, mapping)
+    return tag if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 10) else None
+
+
+def _disconnectGui(self, tag):
+    if tag in self._parameterGUIs:
+        for connector in self._parameterGUIs[tag].values():
+            connector.onChanged(None)
+        del self._parameterGUIs[tag]
 
 
 def parameterNodeWrapper(classtype=None):

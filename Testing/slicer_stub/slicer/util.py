@@ -1,4 +1,5 @@
-"""Stand-in for ``slicer.util``: the numpy/VTK bridges, dialogs (logged, answered as in testing mode) and mixins.
+"""Stand-in for ``slicer.util``: the numpy/VTK bridges, ``.ui`` loading, dialogs (logged, answered as in testing
+mode) and mixins.
 
 Signatures follow Slicer's ``Base/Python/slicer/util.py``. Dialogs never block: as with ``--testing`` in Slicer,
 ``confirm*Display`` return the answer in ``confirmAnswer`` (default ``True``) and ``*Display`` only log.
@@ -187,3 +188,88 @@ def pip_install(requirements):
     raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install"] + str(requirements).split(),
                                         output="ERROR: Could not find a version that satisfies the requirement "
                                                "(no network in the slicer stand-in)")
+
+
+# ---------------------------------------------------------------------------------------------------- widgets
+
+
+def _ui_value(element):
+    """Python value of a Qt Designer ``<property>`` child (string, bool, number, double, stringlist, set, enum)."""
+    kind, text = element.tag, element.text or ""
+    if kind == "bool":
+        return text == "true"
+    if kind == "number":
+        return int(text)
+    if kind == "double":
+        return float(text)
+    if kind == "stringlist":
+        return [child.text or "" for child in element]
+    if kind in ("string", "set", "enum", "cstring"):
+        return text
+    return None
+
+
+def _ui_build(element, parent, named):
+    import ctk
+    import qt
+    import slicer
+
+    class_name = element.get("class")
+    cls = next((getattr(m, class_name) for m in (qt, ctk, slicer) if hasattr(m, class_name)), None)
+    if cls is None:
+        cls = qt.QVBoxLayout if element.tag == "layout" else qt.QWidget
+    obj = cls()
+    obj.objectName = element.get("name", "")
+    if parent is not None:
+        if element.tag == "layout" and hasattr(parent, "setLayout") and parent.layout() is None:
+            parent.setLayout(obj)
+        else:
+            parent._add_child(obj)
+    if obj.objectName:
+        named[obj.objectName] = obj
+    for child in element:
+        if child.tag == "property" and len(child):
+            value = _ui_value(child[0])
+            if child.get("stdset") == "0":
+                obj.setProperty(child.get("name"), value)
+            elif value is not None:
+                setattr(obj, child.get("name"), value)
+        elif child.tag in ("widget", "layout"):
+            _ui_build(child, obj, named)
+        elif child.tag == "item":
+            for item in child:
+                if item.tag in ("widget", "layout"):
+                    _ui_build(item, obj, named)
+    return obj
+
+
+def loadUI(path):
+    """Top widget of a Qt Designer file, with its properties, dynamic properties and ``<connections>``."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    named = {}
+    top = _ui_build(root.find("widget"), None, named)
+    for connection in root.iter("connection"):
+        sender, receiver = named[connection.findtext("sender")], named[connection.findtext("receiver")]
+        sender.connect(connection.findtext("signal"), getattr(receiver, connection.findtext("slot").split("(")[0]))
+    return top
+
+
+def findChildren(widget=None, name="", text="", title="", className=""):
+    return widget.findChildren()
+
+
+def childWidgetVariables(widget):
+    """An object with one attribute per named descendant of ``widget`` (widgets and layouts)."""
+    ui = type("", (), {})()
+    for child in findChildren(widget):
+        if hasattr(child, "name") and child.name:
+            setattr(ui, child.name, child)
+    return ui
+
+
+def modulePath(moduleName):
+    import slicer
+
+    return getattr(slicer.modules, moduleName.lower()).path
