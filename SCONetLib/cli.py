@@ -126,6 +126,9 @@ def build_segment_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probabilities", metavar="DIR",
                         help="also write per-organ probability maps and the entropy map into DIR")
     parser.add_argument("--dense", action="store_true", help="decode every voxel (exact, slower)")
+    parser.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                        help="keep the network's raw output (as the paper) instead of each organ's largest "
+                             "connected components (liver 1, kidneys 2, spleen 1, pancreas 1)")
     parser.add_argument("--points", type=int, default=DEFAULT_N_POINTS, metavar="N",
                         help=f"points of the input cloud (default {DEFAULT_N_POINTS})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -183,7 +186,8 @@ def segment_main(argv=None) -> int:
             else:
                 result = segment_file(args.input, args.output, spacing=args.spacing, device=args.device,
                                       weights=args.weights, probabilities_dir=args.probabilities, dense=args.dense,
-                                      n_points=args.points, arguments=vars(args), progress=bar)
+                                      n_points=args.points, arguments=vars(args), progress=bar,
+                                      postprocess=args.postprocess)
                 _finish(bar)
                 _print_result(result)
     except sconet_io.InterruptedAfterWriting as interrupt:

@@ -272,11 +272,18 @@ def _timing(rows) -> dict:
 
 
 def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> Path:
-    """Copy a checkpoint to ``destination`` with this evaluation in its metadata, and write the metadata as JSON.
+    """Copy a checkpoint to ``destination`` with this evaluation as ``metadata["evaluation"]`` (settings, the
+    summary, the table, the timings and the per-case rows); see :func:`record_metadata`."""
+    return record_metadata(weights, destination, {"evaluation": {
+        "settings": settings, "summary": result["summary"], "table": format_table(result["summary"]),
+        "timing": _timing(result["cases"]), "cases": result["cases"], "skipped": result["skipped"]}})
+
+
+def record_metadata(weights, destination, entries: dict) -> Path:
+    """Copy a checkpoint to ``destination`` with ``entries`` added to its metadata, and write the metadata as JSON.
 
     The copy keeps the weights, config and metadata of ``weights`` (not its training state, so a training
-    checkpoint becomes a release-sized file) and adds ``metadata["evaluation"]`` = settings, the summary, the
-    table, the timings and the per-case rows. ``destination.with_suffix(".json")`` receives the whole metadata.
+    checkpoint becomes a release-sized file). ``destination.with_suffix(".json")`` receives the whole metadata.
     Both files are written atomically.
 
     Returns
@@ -286,10 +293,7 @@ def record_in_checkpoint(weights, destination, result: dict, settings: dict) -> 
     from SCONetLib.checkpoint import load_checkpoint, save_checkpoint
 
     model, metadata = load_checkpoint(weights, "cpu")
-    metadata = dict(metadata)
-    metadata["evaluation"] = sconet_io.jsonable({"settings": settings, "summary": result["summary"],
-                                         "table": format_table(result["summary"]), "timing": _timing(result["cases"]),
-                                         "cases": result["cases"], "skipped": result["skipped"]})
+    metadata = {**metadata, **sconet_io.jsonable(entries)}
     destination = Path(destination)
     save_checkpoint(destination, model, metadata)
     _, stored = load_checkpoint(destination, "cpu")  # as stored, with the entries save_checkpoint adds

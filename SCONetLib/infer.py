@@ -33,6 +33,7 @@ from .labels import NUM_CLASSES
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS
 from .progress import ProgressCallback, report, sub_progress
+from .postprocess import keep_largest_components
 from .validate import check_int
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class Segmenter:
 
     # ------------------------------------------------------------------ decode
 
-    def segment(self, spacing=None, progress: ProgressCallback | None = None, dense: bool = False) -> sitk.Image:
+    def segment(self, spacing=None, progress: ProgressCallback | None = None, dense: bool = False,
+                postprocess: bool = False) -> sitk.Image:
         """Label map of the prepared volume.
 
         Parameters
@@ -227,6 +229,9 @@ class Segmenter:
             May raise :class:`SCONetLib.progress.Cancelled`.
         dense : bool
             Evaluate every output voxel instead of coarse to fine (exact, several times slower).
+        postprocess : bool
+            Keep each organ's largest connected components (:func:`SCONetLib.postprocess.keep_largest_components`);
+            False (the paper's setting): the argmax as it is.
 
         Returns
         -------
@@ -252,8 +257,11 @@ class Segmenter:
             self._decode(state, out, None, progress, labels=labels.reshape(-1))
         else:
             labels = self._coarse_to_fine(state, out, progress)
+        image = out.image_from_array(labels)
+        if postprocess:
+            image = keep_largest_components(image)
         report(progress, 1.0, "segmented")
-        return out.image_from_array(labels)
+        return image
 
     def probabilities(self, spacing=None, progress: ProgressCallback | None = None) -> tuple[sitk.Image, sitk.Image]:
         """Softmax class probabilities and their normalised entropy, on every output voxel.

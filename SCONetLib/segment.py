@@ -80,7 +80,7 @@ class SegmentationResult:
 
 def segment_file(input, output=None, spacing=None, device: str = "auto", weights=None, probabilities_dir=None,
                  dense: bool = False, n_points: int = DEFAULT_N_POINTS, arguments: dict | None = None,
-                 progress: ProgressCallback | None = None) -> SegmentationResult:
+                 progress: ProgressCallback | None = None, postprocess: bool = True) -> SegmentationResult:
     """Segment a CT and write the label map, optional probability maps and a JSON sidecar.
 
     Parameters
@@ -111,6 +111,9 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         arguments of this call.
     progress : callable(fraction, message), optional
         May raise :class:`SCONetLib.progress.Cancelled`: nothing is written then.
+    postprocess : bool
+        Keep each organ's largest connected components in the label map (default; the probability maps are
+        never altered). False: the network's argmax as it is, as in the paper.
 
     Returns
     -------
@@ -150,7 +153,8 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
     if arguments is None:
         arguments = {"input": "<image in memory>" if in_memory else str(input_path), "output": str(plan.labels),
                      "spacing": spacing, "device": device, "weights": weights,
-                     "probabilities_dir": probabilities_dir, "dense": dense, "n_points": n_points}
+                     "probabilities_dir": probabilities_dir, "dense": dense, "n_points": n_points,
+                     "postprocess": postprocess}
     timings = {}
     with recording_warnings() as messages:
         t = time.perf_counter()
@@ -160,7 +164,7 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         image = input if in_memory else sconet_io.read_image(input_path)
         timings["read"] = time.perf_counter() - t
         result = segment_image(image, plan, segmenter, spacing, dense, arguments,
-                               None if in_memory else input_path, progress)
+                               None if in_memory else input_path, progress, postprocess)
     result.timings_s = {**timings, **result.timings_s}
     result.warnings = messages
     result.sidecar["warnings"] = messages
@@ -172,7 +176,7 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
 
 def segment_image(image: sitk.Image, plan: "OutputPlan", segmenter: Segmenter, spacing=None, dense: bool = False,
                   arguments: dict | None = None, input_path: Path | None = None,
-                  progress: ProgressCallback | None = None) -> SegmentationResult:
+                  progress: ProgressCallback | None = None, postprocess: bool = True) -> SegmentationResult:
     """Compute everything :func:`segment_file` writes for ``image``, without writing (see its parameters).
 
     Progress runs from 0 to 0.98. The sidecar's ``"warnings"`` list is empty: the caller records the warnings
@@ -187,7 +191,8 @@ def segment_image(image: sitk.Image, plan: "OutputPlan", segmenter: Segmenter, s
     segmenter.prepare(image, progress=sub_progress(progress, 0.0, prepared))
     timings["prepare"] = time.perf_counter() - t
     t = time.perf_counter()
-    labels = segmenter.segment(spacing, dense=dense, progress=sub_progress(progress, prepared, segmented))
+    labels = segmenter.segment(spacing, dense=dense, progress=sub_progress(progress, prepared, segmented),
+                               postprocess=postprocess)
     timings["segment"] = time.perf_counter() - t
     maps = {}
     if maps_wanted:

@@ -289,7 +289,8 @@ class _Server:
                   "entropy": None}
         if want_labels:
             self.calls.append("segment")
-            labels = segmenter.segment(spacing=spacing, progress=sub_progress(progress, start, middle))
+            labels = segmenter.segment(spacing=spacing, progress=sub_progress(progress, start, middle),
+                                       postprocess=bool(request.get("postprocess", False)))
             result["labels"] = save_image(request["labels"], labels)
         if want_probabilities:
             self.calls.append("probabilities")
@@ -707,13 +708,14 @@ class RemoteSegmenter:
         self._key, self.device_name = key, result["device"]
         self._warn(result)
 
-    def segment(self, spacing=None, progress: Optional[ProgressCallback] = None) -> sitk.Image:
-        return self._decode(spacing, progress, labels=True)[0]
+    def segment(self, spacing=None, progress: Optional[ProgressCallback] = None, postprocess: bool = False
+                ) -> sitk.Image:
+        return self._decode(spacing, progress, labels=True, postprocess=postprocess)[0]
 
     def probabilities(self, spacing=None, progress: Optional[ProgressCallback] = None) -> tuple:
         return self._decode(spacing, progress, labels=False)
 
-    def _decode(self, spacing, progress, labels: bool) -> tuple:
+    def _decode(self, spacing, progress, labels: bool, postprocess: bool = False) -> tuple:
         if not self.is_prepared:
             raise RuntimeError("no volume is prepared: call prepare(image) first (it did not run, failed or was "
                                "cancelled, or the worker process ended)")
@@ -721,7 +723,7 @@ class RemoteSegmenter:
         paths = {name: self.client.new_path(name) for name in outputs}
         try:
             result = self.client.call("segment", progress, key=self._key, weights=self.weights, device=self.device,
-                                      spacing=_spacing_json(spacing), **paths)
+                                      spacing=_spacing_json(spacing), postprocess=bool(postprocess), **paths)
             images = tuple(load_image(result[name]) for name in outputs)
         finally:
             for path in paths.values():

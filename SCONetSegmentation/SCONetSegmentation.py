@@ -148,6 +148,8 @@ class SCONetSegmentationParameterNode:
     weightsPath - SCONet checkpoint; empty: the bundled model. A plain string bound to the path field by the
         widget (the wrapper's path type would show its empty value as ".").
     showUncertainty - also compute the normalised class entropy as a scalar volume.
+    keepLargestComponents - keep each organ's largest connected components (liver 1, kidneys 2, spleen 1,
+        pancreas 1), removing stray islands; the paper applies no post-processing.
     uncertaintyVolume - volume receiving the entropy (created on first run if empty).
     """
 
@@ -161,6 +163,7 @@ class SCONetSegmentationParameterNode:
     outputSpacingMm: Annotated[float, WithinRange(MIN_OUTPUT_SPACING_MM, MAX_OUTPUT_SPACING_MM)] = MIN_OUTPUT_SPACING_MM
     weightsPath: str = ""
     showUncertainty: bool = False
+    keepLargestComponents: bool = True
     uncertaintyVolume: vtkMRMLScalarVolumeNode
 
 
@@ -323,7 +326,7 @@ class SCONetSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             p.inputVolume, p.outputSegmentation, organs=self._selectedOrgans(),
             spacing=self.logic.outputSpacingFor(p.inputVolume, p.outputSpacingMm), device=p.device,
             weights=self.logic.weightsOrDefault(p.weightsPath), uncertainty=p.showUncertainty,
-            uncertaintyVolume=p.uncertaintyVolume,
+            uncertaintyVolume=p.uncertaintyVolume, keepLargestComponents=p.keepLargestComponents,
             progressCallback=self.onProgress, completedCallback=self.onCompleted)
         self._showRunning(True)
         self._updateGuiState()
@@ -678,7 +681,7 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolume, outputSegmentation=None, organs=None, spacing=None, device="auto",
                 weights=None, progressCallback=None, uncertainty=False, uncertaintyVolume=None,
-                createSurfaces=True) -> SCONetSegmentationOutputs:
+                createSurfaces=True, keepLargestComponents=True) -> SCONetSegmentationOutputs:
         """Segment ``inputVolume`` and wait for the result (for scripts and tests).
 
         Parameters
@@ -705,6 +708,8 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
             Volume receiving the entropy; ``None`` with ``uncertainty`` creates one.
         createSurfaces : bool
             Create the closed-surface representation (3D display) after writing.
+        keepLargestComponents : bool
+            Keep each organ's largest connected components (``SCONetLib.postprocess``); False: the raw output.
 
         Raises
         ------
@@ -720,7 +725,7 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("a SCONet segmentation is already running; cancel it or wait until it finishes")
         job = SCONetSegmentationJob(progressCallback)
         self._submit(job, inputVolume, outputSegmentation, organs, spacing, device, weights, uncertainty,
-                     uncertaintyVolume, createSurfaces)
+                     uncertaintyVolume, createSurfaces, keepLargestComponents)
         try:
             self.client().wait(job.request, progress=progressCallback)
             if job.request.state == "error":
@@ -733,7 +738,8 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def startProcessing(self, inputVolume, outputSegmentation=None, organs=None, spacing=None, device="auto",
                         weights=None, uncertainty=False, uncertaintyVolume=None, createSurfaces=True,
-                        progressCallback=None, completedCallback=None) -> SCONetSegmentationJob:
+                        progressCallback=None, completedCallback=None,
+                        keepLargestComponents=True) -> SCONetSegmentationJob:
         """Start a segmentation in the worker and return at once (for the GUI).
 
         Arguments as for :meth:`process`. ``progressCallback(fraction, message)`` and ``completedCallback(job)``
@@ -745,7 +751,7 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError("a SCONet segmentation is already running; cancel it or wait until it finishes")
         job = SCONetSegmentationJob(progressCallback, completedCallback)
         self._submit(job, inputVolume, outputSegmentation, organs, spacing, device, weights, uncertainty,
-                     uncertaintyVolume, createSurfaces)
+                     uncertaintyVolume, createSurfaces, keepLargestComponents)
         self._job = job
         if self._timer is None:
             self._timer = qt.QTimer()
@@ -755,7 +761,7 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
         return job
 
     def _submit(self, job, inputVolume, outputSegmentation, organs, spacing, device, weights, uncertainty,
-                uncertaintyVolume, createSurfaces) -> None:
+                uncertaintyVolume, createSurfaces, keepLargestComponents=True) -> None:
         """Validate on the main thread, write the volume for the worker unless it holds it, send the request."""
         from SCONetLib.worker import save_array
 
@@ -775,7 +781,8 @@ class SCONetSegmentationLogic(ScriptedLoadableModuleLogic):
         job.context = (inputVolume, outputSegmentation, organTuple, spacing, uncertaintyVolume, createSurfaces)
         try:
             job.request = client.submit("segment", image=image, key=self.volumeKey(inputVolume),
-                                        weights=self._weightsText(weights), device=device, spacing=spacing, **outputs)
+                                        weights=self._weightsText(weights), device=device, spacing=spacing,
+                                        postprocess=bool(keepLargestComponents), **outputs)
         except Exception:   # e.g. the worker cannot be started
             self._removeFiles(job)
             raise

@@ -54,7 +54,7 @@ class FakeSegmenter:
             print(control()["print"])
         self.image = image
 
-    def segment(self, spacing=None, progress=None):
+    def segment(self, spacing=None, progress=None, postprocess=False):
         self._steps("segment", progress)
         return self._resampled(spacing, sitk.sitkUInt8)
 

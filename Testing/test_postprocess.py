@@ -47,3 +47,15 @@ def test_volume_floor_removes_small_organs_and_keep_table():
         keep_largest_components(_labels(), min_volume_ml=-1)
     with pytest.raises(TypeError, match="labels must be a 3D SimpleITK image"):
         keep_largest_components(np.zeros((2, 2, 2)))
+
+
+def test_segmenter_postprocess_flag_equals_the_function(small_phantom):
+    from SCONetLib.infer import Segmenter
+
+    segmenter = Segmenter(device="cpu", n_points=4000)
+    segmenter.prepare(small_phantom[0])
+    raw = segmenter.segment(spacing=6.0)
+    post = segmenter.segment(spacing=6.0, postprocess=True)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(post),
+                                  sitk.GetArrayViewFromImage(keep_largest_components(raw)))
+    assert post.GetOrigin() == raw.GetOrigin() and post.GetSpacing() == raw.GetSpacing()

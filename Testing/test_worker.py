@@ -214,13 +214,16 @@ def test_the_real_engine_gives_the_same_labels_in_the_worker(monkeypatch):
     local = untrained(device="cpu")
     local.prepare(ct)
     expected = local.segment(spacing=8.0)
+    expected_post = local.segment(spacing=8.0, postprocess=True)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTING), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "SCONetLib.worker", "--factory", "segmenter_factories:untrained"]
     with RemoteSegmenter(device="cpu", client=WorkerClient(command)) as remote:
         remote.prepare(ct)
         labels = remote.segment(spacing=8.0)
+        post = remote.segment(spacing=8.0, postprocess=True)  # the Slicer module's default
     assert Grid.of(labels) == Grid.of(expected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(expected))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(post), sitk.GetArrayFromImage(expected_post))
 
 
 def test_a_worker_that_cannot_start(tmp_path):

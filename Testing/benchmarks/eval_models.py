@@ -11,7 +11,11 @@
 Each case is scored as the model outputs it and after keeping each organ's largest components
 (:mod:`SCONetLib.evaluate`). Usage::
 
-    python Testing/benchmarks/eval_models.py --weights OLD.pt NEW.pt [--n-v2 20] [--n-v1 20] [--out DIR]
+    python Testing/benchmarks/eval_models.py --weights OLD.pt NEW.pt [--n-v2 20] [--n-v1 20]
+        [--record-in BUNDLED.pt --recipe RECIPE.json]
+
+``--record-in`` copies the last ``--weights`` checkpoint there with this report as ``metadata["evaluation"]``
+(and the JSON file ``--recipe`` as ``metadata["recipe"]``), and writes the metadata beside it as JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 
 from SCONetLib import io as sconet_io
 from SCONetLib.data import Case
-from SCONetLib.evaluate import ORGAN_NAMES, evaluate_cases
+from SCONetLib.evaluate import ORGAN_NAMES, evaluate_cases, record_metadata
 from SCONetLib.infer import Segmenter
 from SCONetLib.phantom import make_phantom
 
@@ -66,6 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--real", type=Path, default=next((p for p in REAL_CANDIDATES if p.is_dir()), None))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "sconet_eval_models")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--record-in", type=Path, help="copy the last checkpoint here with this report recorded")
+    parser.add_argument("--recipe", type=Path, help="JSON file recorded as metadata['recipe'] with --record-in")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sets = {}
@@ -91,6 +97,11 @@ def main(argv=None) -> int:
             report["models"][name][set_name] = {**_table(result), "seconds": round(time.perf_counter() - start, 1),
                                                 "skipped": result["skipped"]}
     print(json.dumps(report, indent=1))
+    if args.record_in is not None:
+        entries = {"evaluation": report}
+        if args.recipe is not None:
+            entries["recipe"] = json.loads(args.recipe.read_text(encoding="utf-8"))
+        record_metadata(args.weights[-1], args.record_in, entries)
     return 0
 
 
