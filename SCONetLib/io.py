@@ -378,7 +378,7 @@ def _signals_held() -> Iterator[list]:
         for number, handler in previous.items():
             signal.signal(number, handler)
     raising = {signal.default_int_handler, raise_keyboard_interrupt}
-    for number in received:
+    for number in list(received):
         if previous[number] not in raising:
             received.remove(number)
             if previous[number] == signal.SIG_DFL:

@@ -54,6 +54,19 @@ def _refuse(path: Path, problem: str) -> ValueError:
     return ValueError(f"cannot read image file {str(path)!r}: {problem}")
 
 
+def _no_spacing(path: Path, format_name: str, given: str) -> ValueError:
+    return _refuse(path, f"its {format_name} header gives no usable spacing ({given}); the voxel size is unknown, "
+                         f"so volumes and distances would be wrong: set the spacing in the file")
+
+
+def _finite_numbers(texts) -> bool:
+    """Whether there is at least one text and every one parses as a finite number."""
+    try:
+        return bool(texts) and all(np.isfinite(float(text)) for text in texts)
+    except ValueError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- NIfTI
 
 
@@ -160,23 +173,13 @@ def check_nrrd(path: Path) -> None:
     directions = fields.get("space directions")
     if directions is not None:
         vectors = re.findall(r"\(([^)]*)\)", directions)
-        try:
-            usable = bool(vectors) and all(np.isfinite(float(x)) for v in vectors for x in v.split(","))
-        except ValueError:
-            usable = False
-        if not usable:
-            raise _refuse(path, f"its NRRD header gives no usable axis directions ('space directions: "
-                                f"{directions}'); the voxel size is unknown, so volumes and distances would be wrong")
+        if not _finite_numbers([x for v in vectors for x in v.split(",")]):
+            raise _no_spacing(path, "NRRD", f"'space directions: {directions}'")
     else:
         spacings = fields.get("spacings", "").split()
-        try:
-            usable = bool(spacings) and all(np.isfinite(float(v)) for v in spacings)
-        except ValueError:
-            usable = False
-        if not usable:
-            given = f"'spacings: {fields['spacings']}'" if spacings else "no 'spacings' or 'space directions' field"
-            raise _refuse(path, f"its NRRD header gives no spacing ({given}); the voxel size is unknown, so "
-                                f"volumes and distances would be wrong: set the spacing in the file")
+        if not _finite_numbers(spacings):
+            raise _no_spacing(path, "NRRD", f"'spacings: {fields['spacings']}'" if spacings
+                              else "no 'spacings' or 'space directions' field")
     kind = re.sub(r"\b(signed|int)\b|_t\b| ", "", fields.get("type", "").lower().replace("unsigned ", "u"))
     size = _NRRD_BYTES.get(kind) or _NRRD_BYTES.get(fields.get("type", "").lower().replace(" ", ""))
     if fields.get("encoding") != "raw" or size is None or not sizes or int(fields.get("byte skip", "0")) < 0:
@@ -230,14 +233,9 @@ def check_metaimage(path: Path) -> None:
     if "NDims" not in fields:
         return                                   # not a MetaImage header: ITK will say so
     spacing = fields.get("ElementSpacing", fields.get("ElementSize", "")).split()
-    try:
-        finite = bool(spacing) and all(np.isfinite(float(v)) and float(v) > 0 for v in spacing)
-    except ValueError:
-        finite = False
-    if not finite:
-        given = f"'ElementSpacing = {' '.join(spacing)}'" if spacing else "no 'ElementSpacing' field"
-        raise _refuse(path, f"its MetaImage header gives no usable spacing ({given}); the voxel size is unknown, "
-                            f"so volumes and distances would be wrong")
+    if not _finite_numbers(spacing) or min(float(v) for v in spacing) <= 0:
+        raise _no_spacing(path, "MetaImage", f"'ElementSpacing = {' '.join(spacing)}'" if spacing
+                          else "no 'ElementSpacing' field")
     size = _MET_BYTES.get(fields.get("ElementType", ""))
     if fields.get("CompressedData", "False").lower() == "true" or size is None or data_start is None:
         return
