@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +41,21 @@ def ct():
     return image
 
 
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory, ct, tiny_weights):
+    """A folder holding a CT file and the complete output set of a run on it (made once for the module)."""
+    folder = tmp_path_factory.mktemp("earlier")
+    sitk.WriteImage(ct, str(folder / "case.nii.gz"))
+    assert main([str(folder / "case.nii.gz"), "--probabilities", str(folder / "maps"), "--weights",
+                 str(tiny_weights), *POINTS]) == 0
+    return folder
+
+
 @pytest.fixture
-def earlier(tmp_path, ct, tiny_weights):
-    """A CT file and the complete output set of an earlier run: (ct path, {output path: bytes})."""
+def earlier(tmp_path, earlier_run):
+    """A copy of ``earlier_run`` in this test's folder: (ct path, {output path: bytes})."""
+    shutil.copytree(earlier_run, tmp_path, dirs_exist_ok=True)
     path = tmp_path / "case.nii.gz"
-    sitk.WriteImage(ct, str(path))
-    assert main([str(path), "--probabilities", str(tmp_path / "maps"), "--weights", str(tiny_weights), *POINTS]) == 0
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != path}
     assert len(files) == 7                            # label map, 4 probability maps, entropy, sidecar
     return path, files
