@@ -61,6 +61,12 @@ def earlier(tmp_path, earlier_run):
     return path, files
 
 
+def _second_run(path: Path, weights: Path) -> list:
+    """Arguments of a run over the files of ``earlier``, at another spacing (so that every output differs)."""
+    return [str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights", str(weights),
+            *POINTS]
+
+
 def _unchanged(files: dict) -> bool:
     return all(path.is_file() and path.read_bytes() == content for path, content in files.items())
 
@@ -160,8 +166,7 @@ def test_d4_failed_sidecar_write_keeps_every_earlier_output(earlier, tiny_weight
     def fail(value):
         raise OSError("No space left on device")
     monkeypatch.setattr(sconet_io, "jsonable", fail)
-    assert main([str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights",
-                 str(tiny_weights), *POINTS]) == 1
+    assert main(_second_run(path, tiny_weights)) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert _unchanged(files) and _temporaries(path.parent) == []
 
@@ -189,8 +194,7 @@ def test_d4_ctrl_c_while_writing_keeps_every_earlier_output(earlier, tiny_weight
             raise KeyboardInterrupt
         return real(*args)
     monkeypatch.setattr(sitk, "WriteImage", interrupted)
-    assert main([str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights",
-                 str(tiny_weights), *POINTS]) == 130
+    assert main(_second_run(path, tiny_weights)) == 130
     assert "interrupted; no output was written (earlier files at the output paths are unchanged)" in \
         capsys.readouterr().err
     assert _unchanged(files) and _temporaries(path.parent) == []
@@ -257,21 +261,26 @@ def _child(tmp_path: Path, hook: str, argv: list) -> subprocess.CompletedProcess
 
 def test_d6_sigterm_while_writing_is_handled_like_ctrl_c(earlier, tiny_weights, tmp_path):
     path, files = earlier
-    argv = [str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights", str(tiny_weights),
-            *POINTS]
+    argv = _second_run(path, tiny_weights)
     done = _child(tmp_path, 'if calls.count("write") == 3: os.kill(os.getpid(), signal.SIGTERM)', argv)
     assert done.returncode == 130, done.stderr
     assert "interrupted; no output was written" in done.stderr
     assert _unchanged(files) and _temporaries(path.parent) == []
 
 
+def _killed_second_run(earlier, weights, tmp_path, when: str) -> tuple:
+    """Run :func:`_second_run` in a child process that SIGKILLs itself as soon as ``when`` holds; returns the CT
+    path, the earlier files and the arguments."""
+    path, files = earlier
+    argv = _second_run(path, weights)
+    done = _child(tmp_path, f"if {when}: os.kill(os.getpid(), signal.SIGKILL)", argv)
+    assert done.returncode == -signal.SIGKILL
+    return path, files, argv
+
+
 @pytest.mark.slow
 def test_d6_sigkill_while_writing_then_the_next_run_sweeps(earlier, tiny_weights, tmp_path):
-    path, files = earlier
-    argv = [str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights", str(tiny_weights),
-            *POINTS]
-    done = _child(tmp_path, 'if calls.count("write") == 3: os.kill(os.getpid(), signal.SIGKILL)', argv)
-    assert done.returncode == -signal.SIGKILL
+    path, files, argv = _killed_second_run(earlier, tiny_weights, tmp_path, 'calls.count("write") == 3')
     assert _unchanged(files) and len(_temporaries(path.parent)) == 2      # complete, never renamed
     assert main(argv) == 0
     assert _temporaries(path.parent) == []
@@ -281,12 +290,8 @@ def test_d6_sigkill_while_writing_then_the_next_run_sweeps(earlier, tiny_weights
 
 @pytest.mark.slow
 def test_d6_sigkill_between_the_renames_is_completed_at_the_next_start(earlier, tiny_weights, tmp_path):
-    path, files = earlier
-    argv = [str(path), "--probabilities", str(path.parent / "maps"), "--spacing", "9", "--weights", str(tiny_weights),
-            *POINTS]
     # replace #1 puts the journal in place, #2 the label map; the kill lands before the probability maps
-    done = _child(tmp_path, 'if calls.count("replace") == 3: os.kill(os.getpid(), signal.SIGKILL)', argv)
-    assert done.returncode == -signal.SIGKILL
+    path, files, _ = _killed_second_run(earlier, tiny_weights, tmp_path, 'calls.count("replace") == 3')
     label_map, sidecar_path = path.with_name("case_sconet.nii.gz"), path.with_name("case_sconet.nii.gz.json")
     assert label_map.read_bytes() != files[label_map] and sidecar_path.read_bytes() == files[sidecar_path]
     for folder in (path.parent, path.parent / "maps"):
