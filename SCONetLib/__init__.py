@@ -10,9 +10,9 @@ Examples
 --------
 >>> from SCONetLib import Segmenter, make_phantom           # doctest: +SKIP
 >>> ct, truth = make_phantom(seed=0)                         # doctest: +SKIP
->>> segmenter = Segmenter()            # bundled phantom-trained model, CUDA if available
->>> segmenter.prepare(ct)              # edge points + SURF + feature grid, once per CT
->>> labels = segmenter.segment(spacing=1.5)  # uint8 label map, same physical box, 1.5 mm voxels
+>>> segmenter = Segmenter()     # bundled phantom-trained model, CUDA if available  # doctest: +SKIP
+>>> segmenter.prepare(ct)       # edge points + SURF + feature grid, once per CT     # doctest: +SKIP
+>>> labels = segmenter.segment(spacing=1.5)  # same physical box, 1.5 mm voxels     # doctest: +SKIP
 """
 import importlib
 

@@ -43,6 +43,10 @@ FORMAT = "sconet-checkpoint"
 FORMAT_VERSION = 1
 #: File name of the bundled default model (preset "A" trained on synthetic phantoms).
 DEFAULT_WEIGHTS_NAME = "sconet_phantom_A.pt"
+#: Second byte of a pickle (after the PROTO opcode 0x80): protocols 2 to 5, torch.save's legacy format among them.
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
+#: First bytes of a zip archive (a local file header), what torch.save writes by default.
+_ZIP_MAGIC = b"PK\x03\x04"
 #: Entries covered by the ``sha256`` digest, in digest order.
 _DIGESTED = ("format", "format_version", "config", "state_dict", "metadata", "training_state")
 
@@ -205,10 +209,19 @@ def restore_rng_state(state: dict) -> None:
 
 def _read(path: Path) -> dict:
     """Load and validate the raw checkpoint dict (format, version, entries, digest); no model is built."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pt file itself"
+                              + (f" (this folder holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"SCONet checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is truncated or corrupt: the file is empty (0 bytes)")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head.startswith(_ZIP_MAGIC) and not (head[:1] == b"\x80" and head[1:2] in _PICKLE_PROTOCOLS):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: it is neither a zip archive (what torch.save "
+                              f"writes) nor a pickle, so it is corrupt or another kind of file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -35,8 +35,8 @@ import SimpleITK as sitk
 import torch
 
 from SCONetLib import io as sconet_io
+from SCONetLib.data import Case, apply_label_map, parse_label_map
 from SCONetLib.figures import evaluation_plots, png_output
-from SCONetLib.data import LAYOUTS, Case, apply_label_map, find_cases, parse_label_map, split_cases
 from SCONetLib.labels import ORGANS
 from SCONetLib.metrics import dice, hausdorff
 from SCONetLib.postprocess import keep_largest_components

@@ -50,9 +50,10 @@ MAX_COARSE_STEP = 8
 MAX_OUTPUT_VOXELS = 2 ** 31
 #: Fraction of the currently available memory an output may plan to use.
 MEMORY_FRACTION = 0.5
-#: Working memory per output voxel (bytes): labels + refinement masks + the returned image for segment();
+#: Working memory per output voxel (bytes): labels, refinement masks and lattices, and the returned image for
+#: segment() (peak resident memory measured at 8.7 B per voxel on a 512×512×100 CT);
 #: (5 probabilities + entropy) float32 twice (array and image) for probabilities().
-SEGMENT_BYTES_PER_VOXEL = 6
+SEGMENT_BYTES_PER_VOXEL = 9
 PROBABILITY_BYTES_PER_VOXEL = 2 * 4 * (NUM_CLASSES + 1)
 #: Samples per axis of the volume-fraction estimate in the field-of-view check.
 _FOV_SAMPLES_PER_AXIS = 33
@@ -250,8 +251,8 @@ class Segmenter:
         so this agrees with ``dense=True`` on all but a tiny fraction of voxels (tested ≥ 99.9 %) while
         evaluating a few percent of them. Which strides are used is logged at DEBUG level.
         """
-        state = self._state()
-        out = self.output_grid(spacing, SEGMENT_BYTES_PER_VOXEL)
+        state = self._state()          # one snapshot: a prepare() finishing meanwhile cannot mix two volumes
+        out = output_grid(state.grid, spacing, SEGMENT_BYTES_PER_VOXEL)
         if dense:
             labels = np.empty(out.size[::-1], dtype=np.uint8)
             self._decode(state, out, None, progress, labels=labels.reshape(-1))
@@ -283,8 +284,8 @@ class Segmenter:
         Evaluated densely (probabilities have no uniform regions to skip), so it is several times slower than
         :meth:`segment` at the same spacing.
         """
-        state = self._state()
-        out = self.output_grid(spacing, PROBABILITY_BYTES_PER_VOXEL)
+        state = self._state()          # one snapshot, as in segment()
+        out = output_grid(state.grid, spacing, PROBABILITY_BYTES_PER_VOXEL)
         num_classes = self.model.config.num_classes
         probs = np.empty(out.size[::-1] + (num_classes,), dtype=np.float32)
         entropy = np.empty(out.size[::-1], dtype=np.float32)
@@ -454,17 +455,24 @@ def _check_budget(size: np.ndarray, bytes_per_voxel: int, what: str) -> None:
     if available is not None:
         limit = min(limit, MEMORY_FRACTION * available / bytes_per_voxel)
     if voxels > limit:
-        dims = " × ".join(f"{s:.0f}" for s in size)
+        dims = " × ".join(_format_count(s) for s in size)
         memory = "" if available is None else \
             f", and {MEMORY_FRACTION:.0%} of the {_format_bytes(available)} available"
-        raise ValueError(f"the output for {what} would be {dims} = {voxels:,.0f} voxels "
+        raise ValueError(f"the output for {what} would be {dims} = {_format_count(voxels)} voxels "
                          f"(~{_format_bytes(voxels * bytes_per_voxel)}), over the limit of {limit:,.0f} voxels "
                          f"(at most {MAX_OUTPUT_VOXELS:,}{memory}); choose a larger spacing")
 
 
 def _format_bytes(n: float) -> str:
-    """``n`` bytes as MiB below 1 GiB, else GiB (one decimal)."""
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.1f} GiB"
+    """``n`` bytes as MiB below 1 GiB, GiB below 1 PiB (one decimal), else in scientific notation."""
+    if n < 2**30:
+        return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**30:,.1f} GiB" if n < 2**50 else f"{n / 2**30:.2g} GiB"
+
+
+def _format_count(n: float) -> str:
+    """A count with thousands separators, or in scientific notation from 10^15 on (``--spacing 1e-300``)."""
+    return f"{n:,.0f}" if n < 1e15 else f"{n:.2g}"
 
 
 def _available_memory() -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import gzip
 import io
 import json
 import logging
@@ -24,13 +23,13 @@ import secrets
 import signal
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from SCONetLib import io_checks
 from SCONetLib import labels as organ_table
 from SCONetLib.geometry import Grid
 
@@ -89,34 +88,53 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image path does not exist: {str(path)!r}")
-    if path.is_dir():
-        image = _read_dicom_series(path)
-    else:
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            raise ValueError(f"cannot read image file {str(path)!r}: {_short_itk_message(error)}; expected "
-                             f"{READ_FORMATS}{_dicom_hint(path)}") from None
-        if path.name.lower().endswith(".gz"):
-            _check_gzip_complete(path)
-    return _as_3d_scalar(image, path)
+    with _itk_warnings_silenced():
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            image = _read_file(path)
+    image = _as_3d_scalar(image, path)
+    io_checks.check_direction(image.GetDirection(), path)
+    return image
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """``ValueError`` if the gzip stream of ``path`` is cut short or corrupt.
-
-    ITK's NIfTI reader fills the missing part of a truncated ``.nii.gz`` with zeros without complaint, so the
-    stream is decompressed once more here (about as long as the read itself) to catch that.
-    """
+def _read_file(path: Path) -> sitk.Image:
+    """One image file, checked against its header before ITK reads it (see :mod:`SCONetLib.io_checks`)."""
+    suffix = image_suffix(path.name)
+    non_finite = None
     try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
-    except EOFError:
-        problem = "the file is truncated (gzip stream ends early)"
-        raise ValueError(f"cannot read image file {str(path)!r}: {problem}") from None
-    except (OSError, zlib.error) as error:
-        raise ValueError(f"cannot read image file {str(path)!r}: corrupt gzip data ({error})") from None
+        if suffix in (".nii", ".nii.gz"):
+            non_finite = io_checks.check_nifti(path)
+        elif suffix in (".nrrd", ".nhdr", SEG_SUFFIX):
+            io_checks.check_nrrd(path)
+        elif suffix in (".mha", ".mhd"):
+            io_checks.check_metaimage(path)
+    except ValueError as error:
+        raise ValueError(f"{error}{_dicom_hint(path)}") from None
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"cannot read image file {str(path)!r}: {_short_itk_message(error)}; expected "
+                         f"{READ_FORMATS}{_dicom_hint(path)}") from None
+    if non_finite is not None:   # ITK reads them as 0: put them back, so that the NaN checks downstream see them
+        array = sitk.GetArrayFromImage(image)
+        array.reshape(-1)[non_finite.indices] = non_finite.values
+        restored = sitk.GetImageFromArray(array, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        restored.CopyInformation(image)
+        image = restored
+    return image
+
+
+@contextlib.contextmanager
+def _itk_warnings_silenced():
+    """ITK's own warning lines (e.g. "Non uniform sampling or missing slices detected") go straight to stderr;
+    SCONet checks those conditions itself and says so in its own words, so they are switched off meanwhile."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -134,13 +152,30 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     files = files_per_series[series_ids[0]]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"cannot read DICOM series {series_ids[0]} in {str(folder)!r}: "
                          f"{_short_itk_message(error)}") from None
+    if len(files) > 1:
+        io_checks.check_slice_positions(_slice_positions(reader, len(files)), folder, series_ids[0])
     logger.info("read DICOM series %s: %d files, size %s", series_ids[0], len(files), image.GetSize())
     return image
+
+
+def _slice_positions(reader: sitk.ImageSeriesReader, count: int) -> np.ndarray:
+    """(count,) position (mm) of each file's slice along the slice normal, from Image Position / Orientation
+    (Patient), in the reader's order."""
+    def numbers(index, tag):
+        return np.array([float(v) for v in reader.GetMetaData(index, tag).split("\\")])
+
+    try:
+        orientation = numbers(0, "0020|0037")
+        normal = np.cross(orientation[:3], orientation[3:])
+        return np.array([numbers(i, "0020|0032") @ normal for i in range(count)])
+    except (RuntimeError, ValueError, IndexError):
+        return np.zeros(0)       # no usable position tags: nothing to check against
 
 
 def _as_3d_scalar(image: sitk.Image, path: Path) -> sitk.Image:
@@ -343,7 +378,7 @@ def _signals_held() -> Iterator[list]:
         for number, handler in previous.items():
             signal.signal(number, handler)
     raising = {signal.default_int_handler, raise_keyboard_interrupt}
-    for number in received:
+    for number in list(received):
         if previous[number] not in raising:
             received.remove(number)
             if previous[number] == signal.SIG_DFL:

@@ -11,11 +11,18 @@ before modifying):
     The same anatomy (same seed) on a randomly oriented grid: x axis flipped and tilted by a few degrees
     (direction not identity, not axis-aligned); same size and spacing. Resampling one onto the other gives the
     same organs up to voxel sampling, which makes the pair useful for orientation tests.
+``tiny_weights``
+    Path of a checkpoint of a seeded random (untrained) SCONet, configuration A, with metadata ``{"note": "test"}``:
+    a stand-in for the bundled model where only the plumbing matters.
 """
 from __future__ import annotations
 
 import pytest
 
+import torch
+
+from SCONetLib.checkpoint import save_checkpoint
+from SCONetLib.model import SCONet
 from SCONetLib.phantom import make_phantom
 
 SMALL_PHANTOM_SEED = 7
@@ -32,3 +39,10 @@ def small_phantom():
 def small_phantom_oblique():
     """(ct, labels) of the ``small_phantom`` anatomy on a flipped, slightly oblique grid."""
     return make_phantom(SMALL_PHANTOM_SEED, random_orientation=True, **SMALL_PHANTOM_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A seeded random SCONet saved as a checkpoint (see module docstring)."""
+    torch.manual_seed(2)
+    return save_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", SCONet(), metadata={"note": "test"})

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "SCONetLib"
 LAYERS = (
     ("base", {"SCONetLib", "SCONetLib.validate", "SCONetLib.progress", "SCONetLib.labels", "SCONetLib.geometry",
               "SCONetLib.device", "SCONetLib.metrics"}),
-    ("io", {"SCONetLib.io", "SCONetLib.figures", "SCONetLib.phantom"}),
+    ("io", {"SCONetLib.io_checks", "SCONetLib.io", "SCONetLib.figures", "SCONetLib.phantom"}),
     ("points", {"SCONetLib.points", "SCONetLib.points.canny", "SCONetLib.points.surf", "SCONetLib.points.cloud"}),
     ("model", {"SCONetLib.model", "SCONetLib.model.encoder", "SCONetLib.model.decoder", "SCONetLib.model.unet3d",
                "SCONetLib.model.sconet", "SCONetLib.checkpoint"}),

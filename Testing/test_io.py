@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SCONetLib import io, labels
+from SCONetLib import io, io_checks, labels
 from SCONetLib.geometry import Grid
 from SCONetLib.progress import Cancelled
 
@@ -174,7 +174,7 @@ def test_corrupt_gzip_nifti_is_reported(tmp_path):
     with pytest.raises(ValueError, match="cannot read image file .*ct.nii.gz"):
         io.read_image(tmp_path / "ct.nii.gz")
     with pytest.raises(ValueError, match="cannot read image file .*ct.nii.gz.*: corrupt gzip data"):
-        io._check_gzip_complete(tmp_path / "ct.nii.gz")  # the check behind read_image, in case ITK misses it
+        io_checks.check_nifti(tmp_path / "ct.nii.gz")  # the check behind read_image, in case ITK misses it
 
 
 def test_single_dicom_file_hint(tmp_path):

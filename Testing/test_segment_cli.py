@@ -1,8 +1,8 @@
 """sconet-segment (SCONetLib.cli, SCONetLib.segment) and the demo (SCONetLib.demo): files in, files out, errors,
 cancellation.
 
-A seeded random SCONet saved as a tiny checkpoint stands in for the bundled model; clouds have 300 points so
-each run takes a second or two.
+A seeded random SCONet saved as a tiny checkpoint (``tiny_weights``, conftest) stands in for the bundled model;
+clouds have 300 points so each run takes a second or two.
 """
 import json
 import re
@@ -14,28 +14,19 @@ from io import StringIO
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from SCONetLib import demo as demo_module
-from SCONetLib.checkpoint import save_checkpoint
 import SCONetLib.checkpoint as checkpoint_module
 from SCONetLib.cli import ProgressBar, segment_main as main
 from SCONetLib.demo import run_demo
 from SCONetLib.figures import demo_figure, save_png
 from SCONetLib.geometry import Grid
 from SCONetLib.io import read_image
-from SCONetLib.model import SCONet
 from SCONetLib.phantom import make_phantom
 from SCONetLib.progress import Cancelled
 from SCONetLib.segment import segment_file
 
 POINTS = ["--points", "300", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(2)
-    return save_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", SCONet(), metadata={"note": "test"})
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +71,8 @@ def _write_dicom_series(image, folder):
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def test_nifti_input_default_output_and_sidecar(ct_file, ct, weights, capsys):
-    assert main([str(ct_file), "--weights", str(weights), *POINTS]) == 0
+def test_nifti_input_default_output_and_sidecar(ct_file, ct, tiny_weights, capsys):
+    assert main([str(ct_file), "--weights", str(tiny_weights), *POINTS]) == 0
     out = ct_file.with_name("case_sconet.nii.gz")
     labels = sitk.ReadImage(str(out))
     assert labels.GetPixelID() == sitk.sitkUInt8
@@ -105,11 +96,11 @@ def test_nifti_input_default_output_and_sidecar(ct_file, ct, weights, capsys):
     assert _files(ct_file.parent) == ["case.nii.gz", "case_sconet.nii.gz", "case_sconet.nii.gz.json"]
 
 
-def test_nrrd_input_with_spacing(tmp_path, ct, weights):
+def test_nrrd_input_with_spacing(tmp_path, ct, tiny_weights):
     source = tmp_path / "scan.nrrd"
     sitk.WriteImage(ct, str(source))
     out = tmp_path / "result" / "labels.nrrd"
-    assert main([str(source), "-o", str(out), "--spacing", "6", "7", "9", "--weights", str(weights), *POINTS]) == 0
+    assert main([str(source), "-o", str(out), "--spacing", "6", "7", "9", "--weights", str(tiny_weights), *POINTS]) == 0
     labels = sitk.ReadImage(str(out))
     expected = Grid.of(read_image(source)).with_spacing((6.0, 7.0, 9.0))
     assert labels.GetSize() == expected.size
@@ -117,13 +108,13 @@ def test_nrrd_input_with_spacing(tmp_path, ct, weights):
     np.testing.assert_allclose(labels.GetDirection(), expected.direction, atol=1e-6)
 
 
-def test_dicom_folder_writes_into_the_current_folder(tmp_path, ct, weights, monkeypatch):
+def test_dicom_folder_writes_into_the_current_folder(tmp_path, ct, tiny_weights, monkeypatch):
     series = tmp_path / "series01"
     _write_dicom_series(sitk.Cast(ct, sitk.sitkInt16), series)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    assert main([str(series), "--weights", str(weights), *POINTS]) == 0
+    assert main([str(series), "--weights", str(tiny_weights), *POINTS]) == 0
     assert _files(work) == ["series01_sconet.nii.gz", "series01_sconet.nii.gz.json"]
     labels = sitk.ReadImage(str(work / "series01_sconet.nii.gz"))
     source = read_image(series)
@@ -133,9 +124,9 @@ def test_dicom_folder_writes_into_the_current_folder(tmp_path, ct, weights, monk
     assert len(_files(series)) == ct.GetDepth()                     # the series is untouched
 
 
-def test_seg_nrrd_output(ct_file, weights):
+def test_seg_nrrd_output(ct_file, tiny_weights):
     out = ct_file.with_name("organs.seg.nrrd")
-    assert main([str(ct_file), "-o", str(out), "--weights", str(weights), *POINTS]) == 0
+    assert main([str(ct_file), "-o", str(out), "--weights", str(tiny_weights), *POINTS]) == 0
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(out))
     reader.ReadImageInformation()
@@ -144,9 +135,9 @@ def test_seg_nrrd_output(ct_file, weights):
     assert (ct_file.parent / "organs.seg.nrrd.json").is_file()
 
 
-def test_probability_maps(ct_file, weights, tmp_path):
+def test_probability_maps(ct_file, tiny_weights, tmp_path):
     maps = tmp_path / "maps"
-    assert main([str(ct_file), "--probabilities", str(maps), "--spacing", "10", "--weights", str(weights),
+    assert main([str(ct_file), "--probabilities", str(maps), "--spacing", "10", "--weights", str(tiny_weights),
                  *POINTS]) == 0
     assert _files(maps) == sorted([f"case_sconet_probability_{o}.nii.gz" for o in
                                    ("liver", "kidneys", "spleen", "pancreas")] + ["case_sconet_entropy.nii.gz"])
@@ -163,8 +154,8 @@ def test_probability_maps(ct_file, weights, tmp_path):
     assert labels.shape == total.shape
 
 
-def test_segment_file_returns_labels_and_files(ct, weights, tmp_path):
-    result = segment_file(ct, tmp_path / "x.mha", weights=weights, device="cpu", n_points=300)
+def test_segment_file_returns_labels_and_files(ct, tiny_weights, tmp_path):
+    result = segment_file(ct, tmp_path / "x.mha", weights=tiny_weights, device="cpu", n_points=300)
     assert Grid.of(result.labels) == Grid.of(ct)
     assert result.files == [tmp_path / "x.mha", tmp_path / "x.mha.json"]
     sidecar = json.loads((tmp_path / "x.mha.json").read_text(encoding="utf-8"))
@@ -186,21 +177,21 @@ def test_segment_file_returns_labels_and_files(ct, weights, tmp_path):
     (lambda d, w: [str(d / "case.nii.gz"), "--spacing", "1e-4", "--weights", w], "would be .* voxels"),
     (lambda d, w: [str(d / "case.nii.gz"), "--device", "gpu", "--weights", w], "device must be"),
 ])
-def test_errors_write_nothing(ct_file, weights, capsys, make_args, message):
+def test_errors_write_nothing(ct_file, tiny_weights, capsys, make_args, message):
     before = _files(ct_file.parent)
-    assert main([*make_args(ct_file.parent, str(weights)), "--points", "300"]) == 1
+    assert main([*make_args(ct_file.parent, str(tiny_weights)), "--points", "300"]) == 1
     err = capsys.readouterr().err
     assert "error:" in err
     assert re.search(message, err), err
     assert _files(ct_file.parent) == before
 
 
-def test_nan_input_writes_nothing(tmp_path, weights, capsys):
+def test_nan_input_writes_nothing(tmp_path, tiny_weights, capsys):
     array = np.full((12, 32, 32), -1000.0, np.float32)
     array[6, 10:20, 10:20] = np.nan
     path = tmp_path / "nan.nrrd"                     # (ITK reads NaN in NIfTI files as 0)
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-    assert main([str(path), "--weights", str(weights), *POINTS]) == 1
+    assert main([str(path), "--weights", str(tiny_weights), *POINTS]) == 1
     assert "NaN" in capsys.readouterr().err
     assert _files(tmp_path) == ["nan.nrrd"]
 
@@ -213,12 +204,12 @@ def test_usage_errors(argv):
     assert exit_info.value.code == 2
 
 
-def test_wide_field_of_view_warns_and_records_it(tmp_path, weights, capsys):
+def test_wide_field_of_view_warns_and_records_it(tmp_path, tiny_weights, capsys):
     wide, _ = make_phantom(5, size=(64, 64, 12), spacing=(9.0, 9.0, 10.0), random_orientation=False)
     path = tmp_path / "wide.nii.gz"
     sitk.WriteImage(wide, str(path))
     with pytest.warns(UserWarning, match="exceeds the model's box"):
-        result = segment_file(path, weights=weights, device="cpu", n_points=300)
+        result = segment_file(path, weights=tiny_weights, device="cpu", n_points=300)
     assert any("exceeds the model's box" in message for message in result.sidecar["warnings"])
     assert result.sidecar["points"]["fraction_volume_outside_model_box"] > 0.2
 
@@ -227,14 +218,14 @@ def test_wide_field_of_view_warns_and_records_it(tmp_path, weights, capsys):
 
 
 @pytest.mark.parametrize("cancel_at", [0.05, 0.7, 0.9])
-def test_cancellation_leaves_no_file(ct_file, weights, cancel_at):
+def test_cancellation_leaves_no_file(ct_file, tiny_weights, cancel_at):
     before = _files(ct_file.parent)
 
     def progress(fraction, message):
         if fraction >= cancel_at:
             raise Cancelled()
     with pytest.raises(Cancelled):
-        segment_file(ct_file, weights=weights, device="cpu", n_points=300, probabilities_dir=ct_file.parent / "p",
+        segment_file(ct_file, weights=tiny_weights, device="cpu", n_points=300, probabilities_dir=ct_file.parent / "p",
                      progress=progress)
     assert _files(ct_file.parent) == before
 
@@ -242,10 +233,10 @@ def test_cancellation_leaves_no_file(ct_file, weights, cancel_at):
 # ---------------------------------------------------------------------------------------------- demo
 
 
-def test_demo_from_the_command_line(tmp_path, weights, monkeypatch, capsys):
+def test_demo_from_the_command_line(tmp_path, tiny_weights, monkeypatch, capsys):
     monkeypatch.setattr(demo_module, "DEMO_SIZE", (64, 64, 24))
     out = tmp_path / "demo"
-    assert main(["--demo", "-o", str(out), "--weights", str(weights), *POINTS]) == 0
+    assert main(["--demo", "-o", str(out), "--weights", str(tiny_weights), *POINTS]) == 0
     assert _files(out) == ["phantom_ct.nii.gz", "phantom_sconet.nii.gz", "phantom_sconet.nii.gz.json",
                            "phantom_sconet.png", "phantom_truth.nii.gz"]
     sidecar = json.loads((out / "phantom_sconet.nii.gz.json").read_text(encoding="utf-8"))
@@ -284,8 +275,8 @@ def test_figure_colours_organs_where_the_labels_are(tmp_path):
     assert gray.mean() > 0.95                                        # only the legend swatches are coloured
 
 
-def test_run_demo_returns_paths(tmp_path, weights):
-    result = run_demo(tmp_path / "d", weights=weights, device="cpu", size=(48, 48, 16), n_points=300)
+def test_run_demo_returns_paths(tmp_path, tiny_weights):
+    result = run_demo(tmp_path / "d", weights=tiny_weights, device="cpu", size=(48, 48, 16), n_points=300)
     assert result.figure.is_file() and result.ct.is_file() and result.truth.is_file()
     truth = read_image(result.truth)
     assert truth.GetSize() == result.result.labels.GetSize() == (48, 48, 16)

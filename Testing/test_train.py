@@ -92,6 +92,16 @@ def test_config_validation_errors(values, match):
         TrainConfig.from_dict({"data": {"source": "phantom"}, **values})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_device_is_checked_when_training_starts_not_in_the_config(tmp_path):
+    config = TrainConfig.from_dict({"out_dir": str(tmp_path / "run"), "data": {"source": "phantom"},
+                                    "device": "cuda:1"})       # valid on a machine without CUDA (e.g. to copy)
+    assert config.device == "cuda:1"
+    with pytest.raises(ValueError, match="device 'cuda:1' was requested but CUDA is not available"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_learning_rate_step_decay():
     config = TrainConfig.from_dict({"out_dir": "x", "data": {"source": "phantom"}, "lr": 1e-3,
                                     "lr_milestones": [24, 32], "lr_gamma": 0.3})

@@ -1,6 +1,7 @@
 """Implicit decoder of SCONet: feature grid sampled at query points → per-class logits.
 
-Reference quirks kept on purpose (``shared/reference/sconet-reference.md`` §2.4):
+Reference quirks kept on purpose (the authors' ``github.com/maylis-j/SCONet``, ``src/sconet/models/decoder.py``,
+from ConvONet's ``github.com/autonomousvision/convolutional_occupancy_networks``):
 
 * The grid is sampled **trilinearly with corner-aligned indexing** (``grid_sample`` with ``align_corners=True``,
   ``padding_mode="border"``) at ``2u − 1``, i.e. at continuous index ``(R − 1)·u``, whereas the encoder filled

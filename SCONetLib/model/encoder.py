@@ -18,8 +18,8 @@ Reference quirks kept on purpose (they are part of the trained model's definitio
 References
 ----------
 Peng et al., "Convolutional Occupancy Networks", ECCV 2020. Jouvencel, Kéchichian, Digne, Valette, "SCONet: Convolutional Occupancy Networks for Multi-Organ Segmentation", ISBI 2025; the authors' repository
-``maylis-j/SCONet`` (``src/encoder/pointnet.py``, ``src/common.py``), described in
-``shared/reference/sconet-reference.md`` §1.5 and §2.2.
+``github.com/maylis-j/SCONet`` (``src/encoder/pointnet.py``, ``src/common.py``) and ConvONet's
+``github.com/autonomousvision/convolutional_occupancy_networks``.
 """
 from __future__ import annotations
 

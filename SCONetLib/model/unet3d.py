@@ -1,8 +1,9 @@
 """3D U-Net that turns the sparse point grid into SCONet's feature grid.
 
-Written from the layer description of the reference (``shared/reference/sconet-reference.md`` §2.3, a 3-level
-U-Net in the style of Wolny et al.'s pytorch-3dunet). Module and parameter names follow the reference state dict
-(``encoders.0.basic_module.SingleConv1.groupnorm.weight`` …) so reference weights load directly.
+Written from the layer structure of the reference (the authors' ``github.com/maylis-j/SCONet``,
+``src/encoder/unet3d.py``: a 3-level U-Net in the style of Wolny et al.'s ``github.com/wolny/pytorch-3dunet``).
+Module and parameter names follow the reference state dict (``encoders.0.basic_module.SingleConv1.groupnorm.weight``
+…) so reference weights load directly.
 
 Reference quirks kept on purpose:
 

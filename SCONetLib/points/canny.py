@@ -23,6 +23,8 @@ CANNY_VARIANCE_MM2 = 2.0
 CANNY_THRESHOLDS = (20.0, 50.0)
 #: SimpleITK's default maximum kernel truncation error, as the reference leaves it.
 CANNY_MAXIMUM_ERROR = 0.01
+#: Extent (mm) below which a volume without edges is reported as too thin rather than without contrast.
+MIN_EXTENT_MM = 20.0
 #: A CT in Hounsfield units normally reaches below this (air is about -1000 HU) ...
 _CT_MIN_BELOW_HU = -500.0
 #: ... and above this (soft tissue with contrast, bone).
@@ -79,8 +81,15 @@ def _canny_points(image: sitk.Image) -> np.ndarray:
     # view (i, j, k) so that argwhere lists points with the first image axis slowest, as the reference does
     ijk = np.argwhere(sitk.GetArrayViewFromImage(edges).transpose(2, 1, 0) > 0)
     if len(ijk) == 0:
-        raise ValueError(f"no edges found by 3D Canny in the image (size {image.GetSize()}): the volume is empty, "
-                         f"constant or has no contrast above {CANNY_THRESHOLDS[1]:g} HU per voxel")
+        extent = Grid.of(image).extent_mm
+        if extent.min() < MIN_EXTENT_MM:
+            axis = int(np.argmin(extent))
+            reason = (f"the volume is only {extent[axis]:.3g} mm across along its {'ijk'[axis]} axis "
+                      f"({image.GetSize()[axis]} voxels of {image.GetSpacing()[axis]:.3g} mm), too thin for 3D edges; "
+                      f"SCONet segments abdominal CT volumes at least {MIN_EXTENT_MM:g} mm across in every direction")
+        else:
+            reason = f"the volume is empty, constant or has no contrast above {CANNY_THRESHOLDS[1]:g} HU per voxel"
+        raise ValueError(f"no edges found by 3D Canny in the image (size {image.GetSize()}): {reason}")
     logger.debug("Canny: %d edge voxels on a %s grid", len(ijk), resampled.GetSize())
     return Grid.of(resampled).index_to_lps(ijk)
 

@@ -120,7 +120,8 @@ def surf3d(image: sitk.Image, points_lps, scale_mm: float = DEFAULT_SCALE_MM, *,
 
     Notes
     -----
-    Steps, with the reference options (see ``shared/reference/surf3d-spec.md``):
+    Steps, with the reference options (the ``surf3d`` tool of ``github.com/valette/vtkOpenSURF3D``, as SCONet's
+    preprocessing calls it):
 
     1. Re-orient the voxel array to RAS-increasing axes. Genuinely oblique images are first resampled (linear) onto
        an RAS-aligned grid of the same spacing covering the image; the original tool ignores the off-diagonal terms
