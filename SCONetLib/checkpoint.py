@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "sconet-checkpoint"
 #: Newest format version this code reads and the one it writes.
 FORMAT_VERSION = 1
-#: File name of the bundled default model (preset "A" trained on synthetic phantoms).
-DEFAULT_WEIGHTS_NAME = "sconet_phantom_A.pt"
+#: File name of the bundled default model (preset "A" trained on domain-randomised synthetic phantoms).
+DEFAULT_WEIGHTS_NAME = "sconet_synth_A.pt"
 #: Second byte of a pickle (after the PROTO opcode 0x80): protocols 2 to 5, torch.save's legacy format among them.
 _PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 #: First bytes of a zip archive (a local file header), what torch.save writes by default.
@@ -161,7 +161,7 @@ def load_training_checkpoint(path, device="cpu") -> tuple[SCONet, dict, dict | N
 
 
 def default_weights_path(must_exist: bool = True) -> Path:
-    """Path of the bundled default model, ``SCONetLib/weights/sconet_phantom_A.pt``.
+    """Path of the bundled default model, ``SCONetLib/weights/sconet_synth_A.pt``.
 
     Raises
     ------

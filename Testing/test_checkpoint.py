@@ -233,7 +233,7 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, saved, write
 
 def test_default_weights_path(monkeypatch):
     path = default_weights_path(must_exist=False)
-    assert path.name == "sconet_phantom_A.pt" and path.parent.name == "weights"
+    assert path.name == "sconet_synth_A.pt" and path.parent.name == "weights"
     assert path.parent.parent.name == "SCONetLib" and path.parent.is_dir()
     monkeypatch.setattr(checkpoint, "DEFAULT_WEIGHTS_NAME", "not_trained_yet.pt")
     with pytest.raises(FileNotFoundError, match=r"not_trained_yet.pt.*python -m SCONetLib.train"):
