@@ -35,6 +35,7 @@ from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
 from .model import SCONet
 from .model.encoder import normalize_to_unit_cube
+from .parallel import ordered_map
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS, choose_implementations
 from .progress import ProgressCallback, report, sub_progress
@@ -387,6 +388,9 @@ class Segmenter:
                 entropy: np.ndarray | None = None) -> None:
         """Run the decoder on output voxels, chunk by chunk, writing the reduced results into the given arrays.
 
+        On the CPU, chunks run on several threads (:func:`SCONetLib.parallel.ordered_map`); progress is reported
+        in order from this thread.
+
         Parameters
         ----------
         state : the prepared volume.
@@ -404,9 +408,10 @@ class Segmenter:
         index_to_object = torch.from_numpy((state.frame.lps_to_object_matrix @ out.ijk_to_lps)[:3]).to(self.device)
         plane = out.size[0] * out.size[1]
         log_classes = math.log(self.model.config.num_classes)
-        with torch.inference_mode():
-            for start in range(0, total, self.chunk_size):
-                stop = min(total, start + self.chunk_size)
+
+        def decode_chunk(start: int) -> int:
+            stop = min(total, start + self.chunk_size)
+            with torch.inference_mode():
                 if voxels is None:
                     flat = torch.arange(start, stop, device=self.device)
                     ijk = torch.stack([flat % out.size[0], (flat % plane) // out.size[0], flat // plane], dim=1)
@@ -423,7 +428,10 @@ class Segmenter:
                         probabilities[start:stop] = p.cpu().numpy()
                     if entropy is not None:
                         entropy[start:stop] = (-(p * log_p).sum(dim=1) / log_classes).cpu().numpy()
-                report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
+            return stop
+
+        for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), self.device):
+            report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
 
 
 def _logits_function(model, features: torch.Tensor, autocast_dtype: torch.dtype | None):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..parallel import ordered_map
 from .canny import (CANNY_MAXIMUM_ERROR, CANNY_RESOLUTION, CANNY_THRESHOLDS, CANNY_VARIANCE_MM2, _edge_points,
                     _resample_in_plane, check_ct_image)
 
@@ -117,8 +118,9 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
     Notes
     -----
     Three passes over slabs of slices, each reading the previous pass's float32 volume with a one-slice halo:
-    smoothing, the second directional derivative, then the edge strength, which is thresholded at once. Peak
-    memory is the input, two float32 volumes, two boolean volumes and the slab's temporaries.
+    smoothing, the second directional derivative, then the edge strength, which is thresholded at once. On the CPU
+    the slabs of a pass are spread over threads (:func:`SCONetLib.parallel.ordered_map`). Peak memory is the
+    input, two float32 volumes, two boolean volumes and the slabs' temporaries.
     """
     lower, upper = (float(np.float32(t)) for t in thresholds)
     k_size, j_size, i_size = volume.shape
@@ -128,17 +130,24 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
     slab = max(1, slab_voxels // (j_size * i_size))
     slabs = [(z0, min(k_size, z0 + slab)) for z0 in range(0, k_size, slab)]
     smoothed = torch.empty(volume.shape, dtype=torch.float32, device=volume.device)
-    for z0, z1 in slabs:
-        smoothed[z0:z1] = _smooth(volume, kernels, z0, z1)
     second = torch.empty_like(smoothed)
-    for z0, z1 in slabs:
-        second[z0:z1] = _second_derivative(_halo(smoothed, z0, z1))
     candidates = torch.empty(volume.shape, dtype=torch.bool, device=volume.device)
     seeds = torch.empty_like(candidates)
-    for z0, z1 in slabs:
-        strength = _edge_strength(_halo(smoothed, z0, z1), _halo(second, z0, z1))
-        torch.gt(strength, lower, out=candidates[z0:z1])
-        torch.gt(strength, upper, out=seeds[z0:z1])
+
+    def smooth(slab):
+        smoothed[slab[0]:slab[1]] = _smooth(volume, kernels, *slab)
+
+    def differentiate(slab):
+        second[slab[0]:slab[1]] = _second_derivative(_halo(smoothed, *slab))
+
+    def threshold(slab):
+        strength = _edge_strength(_halo(smoothed, *slab), _halo(second, *slab))
+        torch.gt(strength, lower, out=candidates[slab[0]:slab[1]])
+        torch.gt(strength, upper, out=seeds[slab[0]:slab[1]])
+
+    for step in (smooth, differentiate, threshold):          # each pass reads the previous one's whole volume
+        for _ in ordered_map(step, slabs, volume.device):
+            pass
     del smoothed, second
     return hysteresis(candidates, seeds)
 
