@@ -3,7 +3,8 @@
 Command line (also ``python -m SCONetLib.segment``)::
 
     sconet-segment INPUT [-o OUTPUT] [--spacing MM [MM MM]] [--device auto|cpu|cuda|cuda:N] [--weights W]
-                   [--probabilities DIR] [--dense]
+                   [--probabilities DIR] [--dense] [--precision float32|bfloat16|float16]
+    sconet-segment FOLDER_OR_LIST [-o DIR] ...   # batch: one label map per CT (SCONetLib.batch)
     sconet-segment [-o DIR]          # no INPUT: the demo on a synthetic phantom (SCONetLib.demo)
 
 The arguments are documented on :func:`segment_file`, which does the work; :func:`main` only parses them, shows
@@ -26,6 +27,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from . import io as sconet_io
+from .batch import case_stem, is_batch_source, segment_batch
 from .io import write_json
 from .checkpoint import CheckpointError
 from .geometry import Grid
@@ -43,8 +45,6 @@ OUTPUT_TAG = "_sconet"
 DEFAULT_SUFFIX = ".nii.gz"
 #: Output suffixes: plain label volumes (io.write_image) and Slicer segmentations (io.write_segmentation).
 OUTPUT_SUFFIXES = sconet_io.WRITE_SUFFIXES + (sconet_io.SEG_SUFFIX,)
-#: Suffixes stripped from an input file name to form the output stem (longest first).
-_INPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -75,7 +75,8 @@ class SegmentationResult:
 
 def segment_file(input, output=None, spacing=None, device: str = "auto", weights=None, probabilities_dir=None,
                  dense: bool = False, n_points: int = DEFAULT_N_POINTS, reference: sitk.Image | None = None,
-                 arguments: dict | None = None, progress: ProgressCallback | None = None) -> SegmentationResult:
+                 arguments: dict | None = None, progress: ProgressCallback | None = None,
+                 precision: str = "float32") -> SegmentationResult:
     """Segment a CT and write the label map, optional probability maps and a JSON sidecar.
 
     Parameters
@@ -108,6 +109,8 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         arguments of this call.
     progress : callable(fraction, message), optional
         May raise :class:`SCONetLib.progress.Cancelled`: nothing is written then.
+    precision : str
+        Decoder precision (``"float32"``, ``"bfloat16"``, ``"float16"``), see :class:`SCONetLib.infer.Segmenter`.
 
     Returns
     -------
@@ -144,7 +147,7 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
     maps_wanted = probabilities_dir is not None
     with _recording_warnings() as messages:
         t = time.perf_counter()
-        segmenter = Segmenter(weights=weights, device=device, n_points=n_points)
+        segmenter = Segmenter(weights=weights, device=device, n_points=n_points, precision=precision)
         timings["load_model"] = time.perf_counter() - t
         t = time.perf_counter()
         image = input if in_memory else sconet_io.read_image(input_path)
@@ -271,16 +274,7 @@ def default_output_path(input_path: Path, suffix: str = DEFAULT_SUFFIX) -> Path:
     input_path = Path(input_path)
     if input_path.is_dir():
         return Path.cwd() / f"{input_path.resolve().name}{OUTPUT_TAG}{suffix}"
-    return input_path.with_name(f"{_stem(input_path)}{OUTPUT_TAG}{suffix}")
-
-
-def _stem(path: Path) -> str:
-    """File name without its image suffix (``case.nii.gz`` → ``case``)."""
-    lower = path.name.lower()
-    for suffix in _INPUT_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[:-len(suffix)]
-    return path.stem
+    return input_path.with_name(f"{case_stem(input_path)}{OUTPUT_TAG}{suffix}")
 
 
 def _output_suffix(output: Path) -> str:
@@ -351,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "INPUT, run the demo: segment a synthetic phantom and write a figure. Details: "
                     "help(SCONetLib.segment.segment_file).")
     parser.add_argument("input", nargs="?", metavar="INPUT",
-                        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or DICOM series folder")
+                        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or DICOM series folder; or, for a "
+                             "batch, a folder of CT files / DICOM series folders or a text file listing CTs, one "
+                             "per line (then -o is the output folder, default the current folder)")
     parser.add_argument("-o", "--output", metavar="OUTPUT",
                         help="label map to write (.nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for a Slicer "
                              "segmentation); default <stem>_sconet.nii.gz beside INPUT (current folder for DICOM). "
@@ -363,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probabilities", metavar="DIR",
                         help="also write per-organ probability maps and the entropy map into DIR")
     parser.add_argument("--dense", action="store_true", help="decode every voxel (exact, slower)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="decoder precision (reduced precision is for CUDA; default float32)")
     parser.add_argument("--points", type=int, default=DEFAULT_N_POINTS, metavar="N",
                         help=f"points of the input cloud (default {DEFAULT_N_POINTS})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -390,10 +388,22 @@ def main(argv=None) -> int:
                                 dense=args.dense, n_points=args.points, progress=bar)
                 _finish(bar)
                 _print_result(demo.result, extra=f"figure: {demo.figure}")
+            elif is_batch_source(args.input):
+                if args.probabilities is not None:
+                    parser.error("--probabilities is not available for a batch (a folder or list of CTs)")
+                summary = segment_batch(args.input, args.output or ".", spacing=spacing, device=args.device,
+                                        weights=args.weights, dense=args.dense, n_points=args.points,
+                                        precision=args.precision, progress=bar)
+                _finish(bar)
+                print(f"{PROG}: {summary['done']} segmented, {summary['skipped']} already done, "
+                      f"{summary['failed']} failed; {summary['cts_per_hour']:.1f} CTs/hour; summary: "
+                      f"{summary['summary']}")
+                return 1 if summary["failed"] else 0
             else:
                 result = segment_file(args.input, args.output, spacing=spacing, device=args.device,
                                       weights=args.weights, probabilities_dir=args.probabilities, dense=args.dense,
-                                      n_points=args.points, arguments=vars(args), progress=bar)
+                                      n_points=args.points, arguments=vars(args), progress=bar,
+                                      precision=args.precision)
                 _finish(bar)
                 _print_result(result)
     except (Cancelled, KeyboardInterrupt):
