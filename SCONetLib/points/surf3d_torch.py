@@ -10,7 +10,8 @@ the volume never leaves the device it was sent to:
 2. Haar responses of every grid sample of the slab: separable box sums along x, y (running sums, exact in
    integers) and z, in int32 or, when a partial sum could exceed it, int64.
 3. The responses at the samples of each point whose z sample lies in the slab are gathered (10 × 10 in-plane per
-   z sample) and contracted with the point's separable Gaussian weights in float64.
+   z sample) and contracted with the point's separable Gaussian weights in float64: points are grouped by their
+   weight pattern, so each group's contraction is one matrix product.
 
 Slabs of planes are sized to a voxel budget (:data:`CPU_SLAB_VOXELS`, :data:`CUDA_SLAB_VOXELS`), so memory does not
 grow with the volume. Results equal the NumPy implementation's up to the order of float64 additions (float32
@@ -28,7 +29,7 @@ from ..geometry import lps_to_ras
 from ..progress import ProgressCallback, report
 from .canny import check_ct_image
 from .surf3d import (_INTENSITY_OFFSET, _MAX_STORED, _SAMPLES, _VTK_ROUND_OFFSET, CLAMP_HU, DEFAULT_SCALE_MM,
-                     DESCRIPTOR_SIZE, _check_points, _check_scale, _RasVolume, _SampleLayout)
+                     DESCRIPTOR_SIZE, _check_points, _check_scale, _Contraction, _RasVolume, _SampleLayout)
 
 logger = logging.getLogger(__name__)
 
@@ -89,52 +90,60 @@ def _surf3d_torch(image, points_lps: np.ndarray, scale_mm: float, device: torch.
         slab_voxels = CUDA_SLAB_VOXELS if device.type == "cuda" else CPU_SLAB_VOXELS
     planes_per_slab = max(1, slab_voxels // ((my + 2 * h) * (mx + 2 * h)))
 
-    weights = torch.from_numpy(layout.gaussian(layout.distances)).to(device)          # (N, 3, 10) float64
-    # (point, z sample) pairs sorted by the z sample: each slab's pairs are one contiguous range
+    contraction = _Contraction.of(layout)
+    matrices = torch.from_numpy(contraction.matrices).to(device)                        # (G, 100, 4) float64
+    z_weights = torch.from_numpy(layout.gaussian(layout.distances[:, 2, :])).to(device)  # (N, 10) float64
+    # (point, z sample) pairs sorted by the point's weight group, then by the z sample: each slab's pairs of a
+    # group are one contiguous range
     z_samples = torch.from_numpy(samples[:, 2, :].astype(np.int64)).to(device).reshape(-1)
-    order = torch.argsort(z_samples, stable=True)
-    sorted_z = z_samples[order]
+    group = torch.from_numpy(contraction.group).to(device).repeat_interleave(2 * _SAMPLES)
+    span = hi[0] - lo[0]
+    key = group * span + (z_samples - lo[0])
+    order = torch.argsort(key)
+    key = key[order]
     in_plane = torch.from_numpy(((samples[:, 1, :, None] - lo[1]) * mx + (samples[:, 0, None, :] - lo[2]))
                                 .reshape(n, -1).astype(np.int64)).to(device)           # (N, 100), (y, x) order
     sums = torch.zeros(n * 2, 2, 2, 6, dtype=torch.float64, device=device)          # (point, c), b, a, q
     source = _DeviceVolume(volume, lo[1:], hi[1:], h, device)
     for s0 in range(lo[0], hi[0], planes_per_slab):
         s1 = min(hi[0], s0 + planes_per_slab)
-        report(progress, (s0 - lo[0]) / (hi[0] - lo[0]), "3D SURF descriptors")
+        report(progress, (s0 - lo[0]) / span, "3D SURF descriptors")
         responses = _haar_responses(source.planes(s0 - h, s1 + h - 1), h, my, mx)     # (3, planes · my · mx)
-        first, stop = (int(v) for v in torch.searchsorted(sorted_z, torch.tensor([s0, s1], device=device)))
-        for b0 in range(first, stop, _PAIRS_PER_BATCH):
-            pairs = order[b0:min(stop, b0 + _PAIRS_PER_BATCH)]
-            point, k = pairs // (2 * _SAMPLES), pairs % (2 * _SAMPLES)
-            index = in_plane[point] + ((z_samples[pairs] - s0) * (my * mx))[:, None]
-            weighted = _contract(responses, index, weights[point]) * weights[point, 2, k][:, None, None, None]
-            sums.index_add_(0, point * 2 + k // _SAMPLES, weighted)
+        bounds = torch.arange(contraction.n_groups, device=device)[:, None] * span + torch.tensor(
+            [s0 - lo[0], s1 - lo[0]], device=device)
+        ranges = torch.searchsorted(key, bounds).tolist()
+        for g, (first, stop) in enumerate(ranges):
+            for b0 in range(first, stop, _PAIRS_PER_BATCH):
+                pairs = order[b0:min(stop, b0 + _PAIRS_PER_BATCH)]
+                point, k = pairs // (2 * _SAMPLES), pairs % (2 * _SAMPLES)
+                index = in_plane[point] + ((z_samples[pairs] - s0) * (my * mx))[:, None]
+                weighted = _contract(responses, index, matrices[g]) * z_weights[point, k][:, None, None, None]
+                sums.index_add_(0, point * 2 + k // _SAMPLES, weighted)
     report(progress, 1.0, "3D SURF descriptors")
     # (point, c, b, a, q) → (point, a, b, c, q): subregion r = 4a + 2b + c
     descriptors = (sums.reshape(n, 2, 2, 2, 6).permute(0, 3, 2, 1, 4) * layout.inv_sigma3).float()
     return descriptors.reshape(n, DESCRIPTOR_SIZE).cpu().numpy()
 
 
-def _contract(responses: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Gaussian-weighted in-plane sums at one z sample of each pair.
+def _contract(responses: torch.Tensor, index: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted in-plane sums at one z sample of each pair, for pairs of one weight group.
 
     Parameters
     ----------
     responses : (3, V) integer tensor, the slab's dx, dy, dz flattened.
     index : (P, 100) int64 flat indices of each pair's 10 × 10 samples, (y, x) order.
-    weights : (P, 3, 10) float64 per-axis Gaussian factors of each pair's point (x, y, z rows).
+    matrix : (100, 4) float64 products of the group's y and x Gaussian factors, columns (half b of y, half a of x)
+        (:class:`SCONetLib.points.surf3d._Contraction`).
 
     Returns
     -------
-    (P, 2, 2, 6) float64: half b of y, half a of x, then Σdx, Σdy, Σdz, Σ|dx|, Σ|dy|, Σ|dz|.
+    (P, 2, 2, 6) float64: half b, half a, then Σdx, Σdy, Σdz, Σ|dx|, Σ|dy|, Σ|dz|.
     """
     p = len(index)
-    values = torch.empty(p, 6, 2 * _SAMPLES, 2 * _SAMPLES, dtype=torch.float64, device=index.device)
-    values[:, :3] = responses[:, index.reshape(-1)].reshape(3, p, 2 * _SAMPLES, 2 * _SAMPLES).transpose(0, 1)
-    torch.abs(values[:, :3], out=values[:, 3:])
-    along_x = (values * weights[:, None, None, 0, :]).reshape(p, 6, 2 * _SAMPLES, 2, _SAMPLES).sum(-1)
-    along_y = (along_x * weights[:, None, 1, :, None]).reshape(p, 6, 2, _SAMPLES, 2).sum(3)     # (p, q, b, a)
-    return along_y.permute(0, 2, 3, 1)
+    values = torch.empty(6, p, 4 * _SAMPLES ** 2, dtype=torch.float64, device=index.device)
+    values[:3] = responses[:, index.reshape(-1)].reshape(3, p, -1)
+    torch.abs(values[:3], out=values[3:])
+    return (values.reshape(6 * p, -1) @ matrix).reshape(6, p, 2, 2).permute(1, 2, 3, 0)
 
 
 class _DeviceVolume:
