@@ -122,25 +122,29 @@ def segment_batch(source: Source, output_dir: str | os.PathLike, *, spacing=None
             ThreadPoolExecutor(1, thread_name_prefix="sconet-write") as writer:
         reads = {index: reader.submit(_timed, read_image, cases[index]) for index in todo[:PREFETCH]}
         writes = []
-        for position, index in enumerate(todo):
-            entry = summary["cases"][index]
-            if position + PREFETCH < len(todo):
-                ahead = todo[position + PREFETCH]
-                reads[ahead] = reader.submit(_timed, read_image, cases[ahead])
-            try:
-                image, entry["read_s"] = reads.pop(index).result()
-                entry.update(_segment(segmenter, image, spacing, dense))
-                labels = entry.pop("labels")
-            except Exception as error:                  # noqa: BLE001 - a bad case must not stop the batch
-                _fail(entry, error)
-            else:
-                writes.append((index, writer.submit(_timed, write_image, labels, outputs[index])))
-                del image, labels
-            _collect(summary, writes, wait=False)
+        try:
+            for position, index in enumerate(todo):
+                entry = summary["cases"][index]
+                if position + PREFETCH < len(todo):
+                    ahead = todo[position + PREFETCH]
+                    reads[ahead] = reader.submit(_timed, read_image, cases[ahead])
+                try:
+                    image, entry["read_s"] = reads.pop(index).result()
+                    entry.update(_segment(segmenter, image, spacing, dense))
+                    labels = entry.pop("labels")
+                except Exception as error:              # noqa: BLE001 - a bad case must not stop the batch
+                    _fail(entry, error)
+                else:
+                    writes.append((index, writer.submit(_timed, write_image, labels, outputs[index])))
+                    del image, labels
+                _collect(summary, writes, wait=False)
+                _write_summary(summary, summary_path, start)
+                report(progress, (position + 1) / len(todo), f"{position + 1} / {len(todo)} cases")
+        finally:                                        # also when stopped: record the label maps written
+            for future in reads.values():
+                future.cancel()
+            _collect(summary, writes, wait=True)
             _write_summary(summary, summary_path, start)
-            report(progress, (position + 1) / len(todo), f"{position + 1} / {len(todo)} cases")
-        _collect(summary, writes, wait=True)
-    _write_summary(summary, summary_path, start)
     logger.info("batch: %d done, %d skipped, %d failed, %.1f CTs/hour", summary["done"], summary["skipped"],
                 summary["failed"], summary["cts_per_hour"])
     return summary
