@@ -35,8 +35,9 @@ logger = logging.getLogger(__name__)
 
 #: Grid voxels per slab of planes on the CPU.
 CPU_SLAB_VOXELS = 4_000_000
-#: Grid voxels per slab on a CUDA device (about 40 bytes each are live at once: ~320 MB).
-CUDA_SLAB_VOXELS = 8_000_000
+#: Grid voxels per slab on a CUDA device (about 30 bytes each are live at once: ~0.5 GB); a slab recomputes 2h - 1
+#: planes of the previous one, so larger slabs waste less.
+CUDA_SLAB_VOXELS = 16_000_000
 #: (point, z sample) pairs gathered at once (each holds 600 float64 values while it is contracted).
 _PAIRS_PER_BATCH = 32_768
 
