@@ -29,7 +29,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-
 from .checkpoint import default_weights_path, load_checkpoint
 from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
