@@ -30,6 +30,7 @@ from .labels import ORGANS
 from .model import ModelConfig
 from .points.cloud import DEFAULT_N_POINTS
 from .progress import Cancelled
+from .batch import is_batch_source, segment_batch
 from .segment import PROG, SegmentationResult, segment_file
 from .train_config import SELECTION_KEYS, TrainConfig, load_config
 
@@ -112,7 +113,9 @@ def build_segment_parser() -> argparse.ArgumentParser:
                     "INPUT (or with --demo), run the demo: segment a synthetic phantom and write a figure. "
                     "Details: help(SCONetLib.segment.segment_file).")
     parser.add_argument("input", nargs="?", metavar="INPUT",
-                        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or DICOM series folder")
+                        help="CT file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) or DICOM series folder; or, for a "
+                             "batch, a folder of CT files / DICOM series folders or a text file listing CTs, one "
+                             "per line (then -o is the output folder, default the current folder)")
     parser.add_argument("-o", "--output", metavar="OUTPUT",
                         help="label map to write (.nii.gz, .nii, .nrrd, .mha, or .seg.nrrd for a Slicer "
                              "segmentation); default <stem>_sconet.nii.gz beside INPUT (current folder for DICOM). "
@@ -129,6 +132,8 @@ def build_segment_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-postprocess", dest="postprocess", action="store_false",
                         help="keep the network's raw output (as the paper) instead of each organ's largest "
                              "connected components (liver 1, kidneys 2, spleen 1, pancreas 1)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="decoder precision (reduced precision is for CUDA; default float32)")
     parser.add_argument("--points", type=int, default=DEFAULT_N_POINTS, metavar="N",
                         help=f"points of the input cloud (default {DEFAULT_N_POINTS})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -183,11 +188,22 @@ def segment_main(argv=None) -> int:
                                 dense=args.dense, n_points=args.points, progress=bar)
                 _finish(bar)
                 _print_result(demo.result, demo.dice, extra=f"figure: {demo.figure}")
+            elif is_batch_source(args.input):
+                if args.probabilities is not None:
+                    parser.error("--probabilities is not available for a batch (a folder or list of CTs)")
+                summary = segment_batch(args.input, args.output or ".", spacing=args.spacing, device=args.device,
+                                        weights=args.weights, dense=args.dense, n_points=args.points,
+                                        precision=args.precision, progress=bar, postprocess=args.postprocess)
+                _finish(bar)
+                print(f"{PROG}: {summary['done']} segmented, {summary['skipped']} already done, "
+                      f"{summary['failed']} failed; {summary['cts_per_hour']:.1f} CTs/hour; summary: "
+                      f"{summary['summary']}")
+                return FAILED if summary["failed"] else OK
             else:
                 result = segment_file(args.input, args.output, spacing=args.spacing, device=args.device,
                                       weights=args.weights, probabilities_dir=args.probabilities, dense=args.dense,
                                       n_points=args.points, arguments=vars(args), progress=bar,
-                                      postprocess=args.postprocess)
+                                      postprocess=args.postprocess, precision=args.precision)
                 _finish(bar)
                 _print_result(result)
     except sconet_io.InterruptedAfterWriting as interrupt:

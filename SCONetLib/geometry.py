@@ -191,6 +191,14 @@ class ObjectFrame:
         xyz = np.asarray(xyz_lps, dtype=np.float64) - np.asarray(self.centre_lps)
         return (xyz * LPS_TO_RAS / self.scale_mm).astype(np.float32)
 
+    @property
+    def lps_to_object_matrix(self) -> np.ndarray:
+        """(4, 4) float64 homogeneous matrix of :meth:`lps_to_object` (before its float32 rounding)."""
+        m = np.eye(4)
+        m[:3, :3] = np.diag(LPS_TO_RAS / self.scale_mm)
+        m[:3, 3] = -LPS_TO_RAS * np.asarray(self.centre_lps) / self.scale_mm
+        return m
+
     def object_to_lps(self, xyz_obj: np.ndarray) -> np.ndarray:
         """(N, 3) object-frame coordinates → (N, 3) float64 LPS mm."""
         return np.asarray(xyz_obj, dtype=np.float64) * self.scale_mm * LPS_TO_RAS + np.asarray(self.centre_lps)

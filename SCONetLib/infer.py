@@ -8,9 +8,12 @@ the output spacing costs a decode, never a re-encode.
 Frames: output voxel index → LPS mm (:meth:`Grid.index_to_lps`) → model object frame
 (:meth:`ObjectFrame.lps_to_object`, centred on the *input* volume's box), see :mod:`SCONetLib.geometry`.
 
-Decoding is chunked (a bounded number of queries per decoder call, labels reduced to ``uint8`` per chunk, so the
-``(M, 5)`` logits of the whole volume never exist at once) and, for label maps, coarse to fine by default: see
-:meth:`Segmenter.segment`.
+Everything after the point stage stays on the segmenter's device: the feature grid, the coarse-to-fine lattices,
+their masks and the queries; a label map crosses to the host once, when it is returned. Decoding is chunked (a
+bounded number of queries per decoder call, labels reduced to ``uint8`` per chunk, so the ``(M, 5)`` logits of the
+whole volume never exist at once) and, for label maps, coarse to fine by default: see :meth:`Segmenter.segment`.
+For an :class:`SCONetLib.model.SCONet`, the decoder runs through :class:`_GridDecoder`, the same function arranged
+for large query batches; on request under bfloat16 or float16 autocast (``precision``).
 """
 from __future__ import annotations
 
@@ -24,24 +27,30 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 
 from .checkpoint import default_weights_path, load_checkpoint
 from .device import resolve_device
 from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
+from .model import SCONet
+from .model.encoder import normalize_to_unit_cube
+from .parallel import ordered_map
 from .points import extract_point_cloud
-from .points.cloud import DEFAULT_N_POINTS
+from .points.cloud import DEFAULT_N_POINTS, choose_implementations
 from .progress import ProgressCallback, report, sub_progress
 from .postprocess import keep_largest_components
 from .validate import check_int
 
 logger = logging.getLogger(__name__)
 
-#: Queries per decoder call on the CPU (timed on 2 cores: 64k–256k are equally fast; smaller bounds memory).
-CPU_CHUNK = 131_072
-#: Queries per decoder call on a CUDA device.
-CUDA_CHUNK = 1_048_576
+#: Queries per decoder call on the CPU (timed on 2 cores: a chunk's activations stay in the processor's cache).
+CPU_CHUNK = 8_192
+#: Queries per decoder call on a CUDA device (about 1 KB of activations per query in float32).
+CUDA_CHUNK = 524_288
+#: Decoder precisions: autocast dtype (``None``: plain float32). Reduced precision is meant for CUDA; on the CPU it
+#: is allowed but slower.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The first coarse lattice is spaced at most this fraction of a feature-grid cell (13.76 mm at 32³).
 COARSE_CELL_FRACTION = 0.6
 #: Largest stride (output voxels per axis) of the first coarse lattice.
@@ -66,6 +75,7 @@ class _Prepared:
     grid: Grid                    # input geometry (LPS)
     frame: ObjectFrame            # model frame of the input volume
     features: torch.Tensor        # (1, C, R, R, R) feature grid on the model's device
+    logits: object                # (M, 3) float32 object-frame queries on the device → (M, C) logits
     fraction_volume_outside: float
     fraction_points_outside: float
 
@@ -86,6 +96,13 @@ class Segmenter:
         Seed of the point sampling, so a volume always gives the same segmentation.
     chunk_size : int, optional
         Queries per decoder call; default :data:`CPU_CHUNK` or :data:`CUDA_CHUNK`.
+    precision : str
+        Decoder precision, a key of :data:`PRECISIONS`: ``"float32"`` (default), or ``"bfloat16"`` / ``"float16"``
+        autocast (for CUDA; labels agree with float32 on ≥ 99.9 % of voxels, tested). The encoder and the point
+        stage always run in float32.
+    implementation : str
+        Point-stage implementation (``"auto"``, ``"numpy"``, ``"torch"``), see
+        :func:`SCONetLib.points.extract_point_cloud`; ``"auto"`` chooses per device.
 
     Raises
     ------
@@ -94,7 +111,7 @@ class Segmenter:
     SCONetLib.checkpoint.CheckpointError
         If the file is not a valid SCONet checkpoint.
     ValueError
-        For an unknown or unavailable device.
+        For an unknown or unavailable device, precision or implementation.
 
     Examples
     --------
@@ -107,15 +124,18 @@ class Segmenter:
     """
 
     def __init__(self, weights=None, device: str | torch.device = "auto", n_points: int = DEFAULT_N_POINTS,
-                 seed: int = 0, chunk_size: int | None = None):
+                 seed: int = 0, chunk_size: int | None = None, *, precision: str = "float32",
+                 implementation: str = "auto"):
         self.device = resolve_device(device)
         self.weights_path = default_weights_path() if weights is None else Path(weights)
         model, metadata = load_checkpoint(self.weights_path, device=self.device)
         self._init(model, metadata, n_points, seed, chunk_size)
+        self._set_options(precision, implementation)
 
     @classmethod
     def from_model(cls, model, metadata: dict | None = None, device: str | torch.device = "cpu",
-                   n_points: int = DEFAULT_N_POINTS, seed: int = 0, chunk_size: int | None = None) -> "Segmenter":
+                   n_points: int = DEFAULT_N_POINTS, seed: int = 0, chunk_size: int | None = None, *,
+                   precision: str = "float32", implementation: str = "auto") -> "Segmenter":
         """A segmenter around an in-memory model (e.g. during training or evaluation); nothing is loaded.
 
         ``model`` needs ``config`` (``scale_mm``, ``padding``, ``grid_resolution``, ``num_classes``), ``encode``
@@ -125,7 +145,15 @@ class Segmenter:
         self.device = resolve_device(device)
         self.weights_path = None
         self._init(model.to(self.device).eval(), metadata or {}, n_points, seed, chunk_size)
+        self._set_options(precision, implementation)
         return self
+
+    def _set_options(self, precision: str, implementation: str) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        choose_implementations(implementation, self.device)         # ValueError for an unknown name
+        self.precision = precision
+        self.implementation = implementation
 
     def _init(self, model, metadata: dict, n_points: int, seed: int, chunk_size: int | None) -> None:
         check_int("n_points", n_points, allow_none=True)
@@ -165,7 +193,8 @@ class Segmenter:
         """
         self._prepared = None
         cloud = extract_point_cloud(image, n_points=self.n_points, seed=self.seed,  # validates the image first
-                                    progress=sub_progress(progress, 0.0, 0.9))
+                                    progress=sub_progress(progress, 0.0, 0.9), implementation=self.implementation,
+                                    device=self.device)
         grid = Grid.of(image)
         config = self.model.config
         frame = ObjectFrame.of(grid, config.scale_mm)
@@ -175,7 +204,8 @@ class Segmenter:
         with torch.inference_mode():
             features = self.model.encode(points[None].to(self.device))
         report(progress, 1.0, "encoded")
-        self._prepared = _Prepared(grid, frame, features, volume_outside, points_outside)
+        logits = _logits_function(self.model, features, PRECISIONS[self.precision])
+        self._prepared = _Prepared(grid, frame, features, logits, volume_outside, points_outside)
         logger.info("prepared volume %s: %d points encoded on %s", grid.size, len(cloud.xyz_lps), self.device)
 
     @property
@@ -254,10 +284,11 @@ class Segmenter:
         state = self._state()          # one snapshot: a prepare() finishing meanwhile cannot mix two volumes
         out = output_grid(state.grid, spacing, SEGMENT_BYTES_PER_VOXEL)
         if dense:
-            labels = np.empty(out.size[::-1], dtype=np.uint8)
-            self._decode(state, out, None, progress, labels=labels.reshape(-1))
+            labels = torch.empty(out.voxel_count(), dtype=torch.uint8, device=self.device)
+            self._decode(state, out, None, progress, labels=labels)
         else:
             labels = self._coarse_to_fine(state, out, progress)
+        labels = labels.cpu().numpy().reshape(out.size[::-1])      # the one transfer of the label map
         image = out.image_from_array(labels)
         if postprocess:
             image = keep_largest_components(image)
@@ -296,65 +327,74 @@ class Segmenter:
         del probs
         return probs_image, out.image_from_array(entropy)
 
-    def _coarse_to_fine(self, state: _Prepared, out: Grid, progress: ProgressCallback | None) -> np.ndarray:
-        """(K, J, I) uint8 labels on ``out``, coarse to fine (see :meth:`segment`)."""
+    def _coarse_to_fine(self, state: _Prepared, out: Grid, progress: ProgressCallback | None) -> torch.Tensor:
+        """(K, J, I) uint8 labels on ``out``, coarse to fine (see :meth:`segment`), on the segmenter's device."""
         config = self.model.config
         shape = out.size[::-1]
         cell_mm = state.frame.half_extent_mm(config.padding) * 2.0 / config.grid_resolution
         levels = _stride_levels(out.spacing[::-1], cell_mm)
         logger.debug("coarse-to-fine strides (k, j, i) per level: %s", levels)
         fractions = np.linspace(0.0, 1.0, len(levels) + 1)
-        axes = [_lattice(n, s) for n, s in zip(shape, levels[0])]
-        labels = np.empty(tuple(len(a) for a in axes), dtype=np.uint8)
-        flat = np.ravel_multi_index(np.meshgrid(*axes, indexing="ij"), shape).reshape(-1)
-        self._decode(state, out, flat, sub_progress(progress, 0.0, fractions[1]), labels=labels.reshape(-1))
-        evaluated = flat.size
+        axes = [torch.from_numpy(_lattice(n, s)).to(self.device) for n, s in zip(shape, levels[0])]
+        labels = torch.empty(tuple(len(a) for a in axes), dtype=torch.uint8, device=self.device)
+        voxels = torch.cartesian_prod(*axes).reshape(-1, 3)
+        self._decode(state, out, voxels, sub_progress(progress, 0.0, fractions[1]), labels=labels.view(-1))
+        evaluated = len(voxels)
         for level, strides in enumerate(levels[1:], start=1):
-            new_axes = [_lattice(n, s) for n, s in zip(shape, strides)]
+            new_axes = [torch.from_numpy(_lattice(n, s)).to(self.device) for n, s in zip(shape, strides)]
             labels, need = _refine(labels, axes, new_axes)
-            flat = np.ravel_multi_index(tuple(a[i] for a, i in zip(new_axes, np.nonzero(need))), shape)
-            values = np.empty(flat.size, dtype=np.uint8)
-            self._decode(state, out, flat, sub_progress(progress, fractions[level], fractions[level + 1]),
+            where = torch.nonzero(need)
+            voxels = torch.stack([axis[where[:, d]] for d, axis in enumerate(new_axes)], dim=1)
+            values = torch.empty(len(voxels), dtype=torch.uint8, device=self.device)
+            self._decode(state, out, voxels, sub_progress(progress, fractions[level], fractions[level + 1]),
                          labels=values)
-            labels[need] = values
-            logger.debug("level %d, strides %s: %d voxels decoded", level, strides, flat.size)
-            evaluated += flat.size
+            labels[need] = values                  # nonzero and boolean assignment both run in C order
+            logger.debug("level %d, strides %s: %d voxels decoded", level, strides, len(voxels))
+            evaluated += len(voxels)
             axes = new_axes
         total = int(np.prod(shape))
         logger.info("coarse-to-fine decoding evaluated %d of %d voxels (%.1f %%)", evaluated, total,
                     100.0 * evaluated / total)
         return labels
 
-    def _decode(self, state: _Prepared, out: Grid, flat: np.ndarray | None, progress: ProgressCallback | None,
-                labels: np.ndarray | None = None, probabilities: np.ndarray | None = None,
+    def _decode(self, state: _Prepared, out: Grid, voxels: torch.Tensor | None, progress: ProgressCallback | None,
+                labels: torch.Tensor | None = None, probabilities: np.ndarray | None = None,
                 entropy: np.ndarray | None = None) -> None:
         """Run the decoder on output voxels, chunk by chunk, writing the reduced results into the given arrays.
+
+        On the CPU, chunks run on several threads (:func:`SCONetLib.parallel.ordered_map`); progress is reported
+        in order from this thread.
 
         Parameters
         ----------
         state : the prepared volume.
         out : output grid.
-        flat : (M,) int64 C-order indices into ``out``'s (K, J, I) array, or ``None`` for every voxel in order.
-        labels : (M,) uint8, optional
+        voxels : (M, 3) int64 tensor of (k, j, i) voxel indices on the device, or ``None`` for every voxel of
+            ``out`` in C (K, J, I) order.
+        labels : (M,) uint8 tensor on the device, optional
             Receives the argmax class of each query.
-        probabilities : (M, num_classes) float32, optional
+        probabilities : (M, num_classes) float32 numpy array, optional
             Receives the softmax.
-        entropy : (M,) float32, optional
+        entropy : (M,) float32 numpy array, optional
             Receives the entropy / ln(num_classes).
         """
-        shape = out.size[::-1]
-        total = out.voxel_count() if flat is None else flat.size
+        total = out.voxel_count() if voxels is None else len(voxels)
+        index_to_object = torch.from_numpy((state.frame.lps_to_object_matrix @ out.ijk_to_lps)[:3]).to(self.device)
+        plane = out.size[0] * out.size[1]
         log_classes = math.log(self.model.config.num_classes)
-        with torch.inference_mode():
-            for start in range(0, total, self.chunk_size):
-                stop = min(total, start + self.chunk_size)
-                index = np.arange(start, stop) if flat is None else flat[start:stop]
-                k, j, i = np.unravel_index(index, shape)
-                ijk = np.stack([i, j, k], axis=1).astype(np.float64)
-                queries = torch.from_numpy(state.frame.lps_to_object(out.index_to_lps(ijk)))
-                logits = self.model.decode(queries[None].to(self.device), state.features)[0]
+
+        def decode_chunk(start: int) -> int:
+            stop = min(total, start + self.chunk_size)
+            with torch.inference_mode():
+                if voxels is None:
+                    flat = torch.arange(start, stop, device=self.device)
+                    ijk = torch.stack([flat % out.size[0], (flat % plane) // out.size[0], flat // plane], dim=1)
+                else:
+                    ijk = voxels[start:stop].flip(1)
+                queries = (ijk.double() @ index_to_object[:, :3].T + index_to_object[:, 3]).float()
+                logits = state.logits(queries)
                 if labels is not None:
-                    labels[start:stop] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                    labels[start:stop] = logits.argmax(dim=1).to(torch.uint8)
                 if probabilities is not None or entropy is not None:
                     log_p = torch.log_softmax(logits.float(), dim=1)
                     p = log_p.exp()
@@ -362,7 +402,90 @@ class Segmenter:
                         probabilities[start:stop] = p.cpu().numpy()
                     if entropy is not None:
                         entropy[start:stop] = (-(p * log_p).sum(dim=1) / log_classes).cpu().numpy()
-                report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
+            return stop
+
+        for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), self.device):
+            report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
+
+
+def _logits_function(model, features: torch.Tensor, autocast_dtype: torch.dtype | None):
+    """``f(queries (M, 3) float32) -> (M, C) logits`` for ``model`` and its feature grid ``features``.
+
+    An :class:`SCONetLib.model.SCONet` with its own ``decode`` goes through :class:`_GridDecoder`; any other model
+    (or a patched one) through ``model.decode``. With ``autocast_dtype``, calls run under ``torch.autocast``.
+    """
+    if isinstance(model, SCONet) and "decode" not in vars(model) and _GridDecoder.supports(model.decoder):
+        decode = _GridDecoder(model.decoder, features)
+    else:
+        def decode(queries):
+            return model.decode(queries[None], features)[0]
+    if autocast_dtype is None:
+        return decode
+
+    def decode_autocast(queries):
+        with torch.autocast(device_type=queries.device.type, dtype=autocast_dtype):
+            return decode(queries)
+    return decode_autocast
+
+
+class _GridDecoder:
+    """:class:`SCONetLib.model.decoder.LocalDecoder` evaluated for large query batches at inference.
+
+    The same function, arranged for throughput: the feature grid is stored channels-last, ``(R³, C)``, so that the
+    trilinear interpolation gathers whole rows (corner-aligned, at continuous index ``(R - 1)·u``, as the decoder's
+    ``grid_sample`` with ``align_corners=True``); the five ``fc_c`` layers run as one ``(C, 5·H)`` product. Logits
+    equal ``model.decode``'s up to float32 rounding (tested).
+
+    Parameters
+    ----------
+    decoder : LocalDecoder (identity shortcuts, as SCONet's).
+    grid : (1, C, R, R, R) feature grid, axes [z, y, x].
+    """
+
+    def __init__(self, decoder, grid: torch.Tensor):
+        channels, resolution = grid.shape[1], grid.shape[-1]
+        self.padding = decoder.padding
+        self.resolution = resolution
+        self.table = grid[0].permute(1, 2, 3, 0).reshape(-1, channels).contiguous()
+        self.conditioning = (torch.cat([fc.weight for fc in decoder.fc_c]), torch.cat([fc.bias for fc in decoder.fc_c]))
+        self.blocks = [(b.fc_0.weight, b.fc_0.bias, b.fc_1.weight, b.fc_1.bias) for b in decoder.blocks]
+        self.width = decoder.blocks[0].fc_0.out_features
+        self.output = (decoder.fc_out.weight, decoder.fc_out.bias)
+
+    @staticmethod
+    def supports(decoder) -> bool:
+        """Whether ``decoder`` has the structure this class evaluates (every block with an identity shortcut)."""
+        return all(block.shortcut is None for block in decoder.blocks)
+
+    def __call__(self, queries: torch.Tensor) -> torch.Tensor:
+        """(M, 3) float32 object-frame queries → (M, num_classes) logits."""
+        conditioning = F.linear(self._features(queries), *self.conditioning)
+        net = None
+        for index, (w0, b0, w1, b1) in enumerate(self.blocks):
+            part = conditioning[:, index * self.width:(index + 1) * self.width]
+            net = part if net is None else net + part
+            hidden = F.linear(torch.relu(net), w0, b0).relu_()
+            net = net + F.linear(hidden, w1, b1)
+        return F.linear(torch.relu(net), *self.output)
+
+    def _features(self, queries: torch.Tensor) -> torch.Tensor:
+        """(M, C) trilinear interpolation of the grid at the queries (units of the unit cube, border-clamped)."""
+        r = self.resolution
+        position = normalize_to_unit_cube(queries, self.padding) * (r - 1)       # in [0, 0.999 (R - 1)]
+        corner = position.floor().clamp_(max=max(r - 2, 0))
+        weight = position - corner
+        corner = corner.long()
+        base = corner[:, 0] + r * (corner[:, 1] + r * corner[:, 2])
+        features = None
+        for dz in (0, 1):
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    w = ((weight[:, 0] if dx else 1.0 - weight[:, 0]) * (weight[:, 1] if dy else 1.0 - weight[:, 1])
+                         * (weight[:, 2] if dz else 1.0 - weight[:, 2]))
+                    rows = self.table.index_select(0, base + (dx + r * (dy + r * dz)))
+                    rows *= w[:, None]
+                    features = rows if features is None else features.add_(rows)
+        return features
 
 
 def output_grid(grid: Grid, spacing=None, bytes_per_voxel: int = SEGMENT_BYTES_PER_VOXEL) -> Grid:
@@ -413,38 +536,59 @@ def _lattice(n: int, stride: int) -> np.ndarray:
     return indices if indices[-1] == n - 1 else np.append(indices, n - 1)
 
 
-def _refine(labels: np.ndarray, axes: list, new_axes: list) -> tuple[np.ndarray, np.ndarray]:
-    """Carry coarse labels to a finer lattice and mark where the decoder must run.
+def _refine(labels: torch.Tensor, axes: list, new_axes: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry coarse labels to a finer lattice and mark where the decoder must run (on the labels' device).
 
     Parameters
     ----------
-    labels : (Lk, Lj, Li) uint8, labels on the coarse lattice ``axes`` (three increasing index arrays).
+    labels : (Lk, Lj, Li) uint8 tensor, labels on the coarse lattice ``axes`` (three increasing int64 tensors).
     axes, new_axes : per (k, j, i) axis, the output indices of the coarse and of the finer lattice; every coarse
         index is also a finer one.
 
     Returns
     -------
-    new_labels : (Lk', Lj', Li') uint8
+    new_labels : (Lk', Lj', Li') uint8 tensor
         On the finer lattice: each point takes the label of the coarse lattice point at or below it (exact on
         coarse points, and the label of the whole neighbourhood where that is uniform).
-    need : (Lk', Lj', Li') bool
+    need : (Lk', Lj', Li') bool tensor
         Points to evaluate: inside a coarse cell whose corners do not all carry the same label, or next to such a
         cell (one cell of margin, 3×3×3 cells), excluding the points already evaluated on the coarse lattice.
     """
     high, low = labels, labels
     for axis in range(3):            # extremes over the 8 corners of each cell (between lattice points c, c + 1)
-        if labels.shape[axis] > 1:
-            pairs = [np.arange(labels.shape[axis] - 1), np.arange(1, labels.shape[axis])]
-            high = np.maximum(*(np.take(high, p, axis=axis) for p in pairs))
-            low = np.minimum(*(np.take(low, p, axis=axis) for p in pairs))
-    cells = ndimage.maximum_filter(high != low, size=3, mode="nearest")
-    below = [np.searchsorted(old, new, side="right") - 1 for old, new in zip(axes, new_axes)]
-    cell_of = [np.minimum(b, max(0, len(old) - 2)) for b, old in zip(below, axes)]
-    new_labels = labels[np.ix_(*below)]
-    need = cells[np.ix_(*cell_of)]
-    on_old = [np.isin(new, old) for old, new in zip(axes, new_axes)]
-    need &= ~(on_old[0][:, None, None] & on_old[1][None, :, None] & on_old[2][None, None, :])
+        n = labels.shape[axis]
+        if n > 1:
+            high = torch.maximum(high.narrow(axis, 0, n - 1), high.narrow(axis, 1, n - 1))
+            low = torch.minimum(low.narrow(axis, 0, n - 1), low.narrow(axis, 1, n - 1))
+    cells = _dilate(high != low)
+    below = [torch.searchsorted(old, new, right=True) - 1 for old, new in zip(axes, new_axes)]
+    cell_of = [b.clamp(max=max(0, len(old) - 2)) for b, old in zip(below, axes)]
+    new_labels, need = labels, cells
+    for axis in range(3):
+        new_labels = _take(new_labels, axis, below[axis])
+        need = _take(need, axis, cell_of[axis])
+    on_old = [torch.nonzero(torch.isin(new, old)).reshape(-1) for old, new in zip(axes, new_axes)]
+    need[on_old[0][:, None, None], on_old[1][None, :, None], on_old[2][None, None, :]] = False
     return new_labels, need
+
+
+def _take(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, index)``, by advanced indexing along the last axis (faster there on the CPU)."""
+    if dim == x.dim() - 1:
+        return x[..., index]
+    return x.index_select(dim, index)
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """3 × 3 × 3 maximum filter of a bool tensor (the border repeats, which leaves a maximum unchanged)."""
+    for axis in range(3):
+        n = mask.shape[axis]
+        if n > 1:
+            grown = mask.clone()
+            grown.narrow(axis, 1, n - 1).logical_or_(mask.narrow(axis, 0, n - 1))
+            grown.narrow(axis, 0, n - 1).logical_or_(mask.narrow(axis, 1, n - 1))
+            mask = grown
+    return mask
 
 
 def _check_budget(size: np.ndarray, bytes_per_voxel: int, what: str) -> None:

@@ -80,7 +80,8 @@ class SegmentationResult:
 
 def segment_file(input, output=None, spacing=None, device: str = "auto", weights=None, probabilities_dir=None,
                  dense: bool = False, n_points: int = DEFAULT_N_POINTS, arguments: dict | None = None,
-                 progress: ProgressCallback | None = None, postprocess: bool = True) -> SegmentationResult:
+                 progress: ProgressCallback | None = None, postprocess: bool = True,
+                 precision: str = "float32") -> SegmentationResult:
     """Segment a CT and write the label map, optional probability maps and a JSON sidecar.
 
     Parameters
@@ -114,6 +115,8 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
     postprocess : bool
         Keep each organ's largest connected components in the label map (default; the probability maps are
         never altered). False: the network's argmax as it is, as in the paper.
+    precision : str
+        Decoder precision (``"float32"``, ``"bfloat16"``, ``"float16"``), see :class:`SCONetLib.infer.Segmenter`.
 
     Returns
     -------
@@ -154,11 +157,11 @@ def segment_file(input, output=None, spacing=None, device: str = "auto", weights
         arguments = {"input": "<image in memory>" if in_memory else str(input_path), "output": str(plan.labels),
                      "spacing": spacing, "device": device, "weights": weights,
                      "probabilities_dir": probabilities_dir, "dense": dense, "n_points": n_points,
-                     "postprocess": postprocess}
+                     "postprocess": postprocess, "precision": precision}
     timings = {}
     with recording_warnings() as messages:
         t = time.perf_counter()
-        segmenter = Segmenter(weights=weights, device=device, n_points=n_points)
+        segmenter = Segmenter(weights=weights, device=device, n_points=n_points, precision=precision)
         timings["load_model"] = time.perf_counter() - t
         t = time.perf_counter()
         image = input if in_memory else sconet_io.read_image(input_path)

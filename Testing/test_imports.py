@@ -18,15 +18,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "SCONetLib"
 #: layer or a lower one. Every module of the package must be listed (a new module must be placed on purpose).
 LAYERS = (
     ("base", {"SCONetLib", "SCONetLib.validate", "SCONetLib.progress", "SCONetLib.labels", "SCONetLib.geometry",
-              "SCONetLib.device", "SCONetLib.metrics"}),
+              "SCONetLib.device", "SCONetLib.metrics", "SCONetLib.parallel"}),
     ("io", {"SCONetLib.io_checks", "SCONetLib.io", "SCONetLib.figures", "SCONetLib.phantom"}),
-    ("points", {"SCONetLib.points", "SCONetLib.points.canny", "SCONetLib.points.surf", "SCONetLib.points.cloud"}),
+    ("points", {"SCONetLib.points", "SCONetLib.points.canny", "SCONetLib.points.surf", "SCONetLib.points.cloud",
+                "SCONetLib.points.canny_torch", "SCONetLib.points.surf3d_torch"}),
     ("model", {"SCONetLib.model", "SCONetLib.model.encoder", "SCONetLib.model.decoder", "SCONetLib.model.unet3d",
                "SCONetLib.model.sconet", "SCONetLib.checkpoint"}),
     ("infer", {"SCONetLib.infer", "SCONetLib.postprocess"}),
-    ("train/evaluate", {"SCONetLib.segment", "SCONetLib.demo", "SCONetLib.data", "SCONetLib.train_config",
+    ("train/evaluate", {"SCONetLib.segment", "SCONetLib.batch", "SCONetLib.demo", "SCONetLib.data", "SCONetLib.train_config",
                         "SCONetLib.train_loop", "SCONetLib.evaluate"}),
-    ("entry points", {"SCONetLib.cli", "SCONetLib.train", "SCONetLib.__main__"}),
+    ("entry points", {"SCONetLib.cli", "SCONetLib.train", "SCONetLib.__main__", "SCONetLib.worker"}),
 )
 LAYER_OF = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

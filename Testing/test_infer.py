@@ -87,7 +87,7 @@ class OracleModel(torch.nn.Module):
         return torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), 5).float()[None]
 
 
-def _fake_cloud(image, n_points=50_000, seed=0, progress=None):
+def _fake_cloud(image, n_points=50_000, seed=0, progress=None, implementation="auto", device="cpu"):
     """Cheap stand-in for extract_point_cloud: 64 voxel centres (the oracle ignores points)."""
     grid = Grid.of(image)
     ijk = np.random.default_rng(seed).uniform(0, np.asarray(grid.size) - 1, size=(64, 3))
@@ -253,7 +253,7 @@ def test_coarse_to_fine_agrees_with_dense(organ_segmenter, phantom, spacing, mon
     decode = organ_segmenter._decode
 
     def counting(state, out, flat, progress, **outputs):
-        evaluated.append(out.voxel_count() if flat is None else flat.size)
+        evaluated.append(out.voxel_count() if flat is None else len(flat))
         return decode(state, out, flat, progress, **outputs)
     monkeypatch.setattr(organ_segmenter, "_decode", counting)
     fast = _array(organ_segmenter.segment(spacing))

@@ -79,7 +79,11 @@ def _canny_points(image: sitk.Image) -> np.ndarray:
                                     upperThreshold=CANNY_THRESHOLDS[1], variance=[CANNY_VARIANCE_MM2] * 3,
                                     maximumError=[CANNY_MAXIMUM_ERROR] * 3)
     # view (i, j, k) so that argwhere lists points with the first image axis slowest, as the reference does
-    ijk = np.argwhere(sitk.GetArrayViewFromImage(edges).transpose(2, 1, 0) > 0)
+    return _edge_points(resampled, np.argwhere(sitk.GetArrayViewFromImage(edges).transpose(2, 1, 0) > 0), image)
+
+
+def _edge_points(resampled: sitk.Image, ijk: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """(N, 3) LPS mm of the edge voxels ``ijk`` (N, 3) of the resampled grid; ``ValueError`` if there are none."""
     if len(ijk) == 0:
         extent = Grid.of(image).extent_mm
         if extent.min() < MIN_EXTENT_MM:

@@ -8,13 +8,16 @@ from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from ..geometry import ObjectFrame
 from ..io import atomic_output
 from ..progress import ProgressCallback, report, sub_progress
 from ..validate import check_int
 from .canny import _canny_points, check_ct_image
+from .canny_torch import _canny_points_torch
 from .surf import DEFAULT_SCALE_MM, DESCRIPTOR_SIZE, _surf3d
+from .surf3d_torch import _surf3d_torch
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,12 @@ _INT8_LEVELS = 127
 _SCALE_EPSILON = 1e-6
 #: Version of the .npz layout written by :meth:`PointCloud.save`.
 _FILE_VERSION = 1
+#: Implementations of the point stage: ``"numpy"`` (SimpleITK's Canny filter and the NumPy SURF of :mod:`.surf3d`,
+#: on the CPU), ``"torch"`` (:mod:`.canny_torch` and :mod:`.surf3d_torch`, on the given device), ``"auto"``.
+IMPLEMENTATIONS = ("auto", "numpy", "torch")
+#: What ``"auto"`` runs for each step, per device type: on the CPU the faster implementation on 2 cores
+#: (``Testing/benchmarks/bench_points.py --compare``), elsewhere torch. Both give the same points and descriptors.
+AUTO_IMPLEMENTATION = {"cpu": {"canny": "torch", "surf3d": "numpy"}, "cuda": {"canny": "torch", "surf3d": "torch"}}
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,24 @@ class PointCloud:
             return cls(data["xyz_lps"], data["surf_int8"], data["surf_scale"])
 
 
+def choose_implementations(implementation: str = "auto", device: str | torch.device = "cpu") -> dict:
+    """``{"canny": name, "surf3d": name}``: the implementation of each step for ``implementation`` on ``device``.
+
+    Raises
+    ------
+    ValueError
+        ``implementation`` is not one of :data:`IMPLEMENTATIONS`.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
+    if implementation != "auto":
+        return {"canny": implementation, "surf3d": implementation}
+    return dict(AUTO_IMPLEMENTATION.get(torch.device(device).type, AUTO_IMPLEMENTATION["cuda"]))
+
+
 def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_POINTS, seed: int = 0,
-                        progress: Optional[ProgressCallback] = None) -> PointCloud:
+                        progress: Optional[ProgressCallback] = None, *, implementation: str = "auto",
+                        device: str | torch.device = "cpu") -> PointCloud:
     """SCONet's input point cloud of a CT volume.
 
     Parameters
@@ -117,6 +142,10 @@ def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_P
         Seed of ``numpy.random.default_rng`` for the draw.
     progress : callable, optional
         ``progress(fraction, message)``; may raise :class:`SCONetLib.progress.Cancelled`, which propagates.
+    implementation : str
+        ``"auto"`` (see :data:`AUTO_IMPLEMENTATION`), ``"numpy"`` or ``"torch"``; all give the same cloud.
+    device : str or torch.device
+        Where the torch steps run (``"cpu"``, ``"cuda"``, ``"cuda:N"``); the volume is sent there once per step.
 
     Returns
     -------
@@ -126,7 +155,8 @@ def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_P
     Raises
     ------
     TypeError, ValueError
-        Bad image (see :func:`SCONetLib.points.canny_points`), no edges, or ``n_points`` not a positive integer.
+        Bad image (see :func:`SCONetLib.points.canny_points`), no edges, ``n_points`` not a positive integer, or an
+        unknown ``implementation``.
 
     Notes
     -----
@@ -135,9 +165,11 @@ def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_P
     therefore differ by at most one quantisation step of the column.
     """
     check_int("n_points", n_points, allow_none=True)
+    steps = choose_implementations(implementation, device)
+    device = torch.device(device)
     check_ct_image(image)
     report(progress, 0.0, "Canny edges")
-    edges_lps = _canny_points(image)
+    edges_lps = _canny_points_torch(image, device) if steps["canny"] == "torch" else _canny_points(image)
     report(progress, 0.2, f"{len(edges_lps)} edge points")
     if n_points is None:
         drawn = np.arange(len(edges_lps))
@@ -145,6 +177,8 @@ def extract_point_cloud(image: sitk.Image, n_points: Optional[int] = DEFAULT_N_P
     else:
         drawn = np.random.default_rng(seed).integers(0, len(edges_lps), size=int(n_points))
         unique, inverse = np.unique(drawn, return_inverse=True)
-    surf = _surf3d(image, edges_lps[unique], DEFAULT_SCALE_MM, sub_progress(progress, 0.2, 1.0))
+    surf_progress = sub_progress(progress, 0.2, 1.0)
+    surf = (_surf3d_torch(image, edges_lps[unique], DEFAULT_SCALE_MM, device, surf_progress)
+            if steps["surf3d"] == "torch" else _surf3d(image, edges_lps[unique], DEFAULT_SCALE_MM, surf_progress))
     logger.info("point cloud: %d points (%d distinct) from %d edge voxels", len(drawn), len(unique), len(edges_lps))
     return PointCloud.from_descriptors(edges_lps[drawn], surf[inverse.reshape(-1)])

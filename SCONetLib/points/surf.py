@@ -150,8 +150,7 @@ def surf3d(image: sitk.Image, points_lps, scale_mm: float = DEFAULT_SCALE_MM, *,
 def _surf3d(image: sitk.Image, points_lps, scale_mm: float, progress: Optional[ProgressCallback]) -> np.ndarray:
     """:func:`surf3d` on an already validated image."""
     points_lps = _check_points(points_lps)
-    if not (isinstance(scale_mm, (int, float, np.number)) and math.isfinite(scale_mm) and scale_mm > 0):
-        raise ValueError(f"scale_mm must be a positive number of millimetres, got {scale_mm!r}")
+    _check_scale(scale_mm)
     if len(points_lps) == 0:
         return np.zeros((0, DESCRIPTOR_SIZE), dtype=np.float32)
     volume = _RasVolume.of(image)
@@ -160,6 +159,12 @@ def _surf3d(image: sitk.Image, points_lps, scale_mm: float, progress: Optional[P
     layout.check_support(volume.axes)
     descriptors = _accumulate_descriptors(volume, layout, progress)
     return descriptors
+
+
+def _check_scale(scale_mm) -> None:
+    """ValueError unless ``scale_mm`` is a positive finite number."""
+    if not (isinstance(scale_mm, (int, float, np.number)) and math.isfinite(scale_mm) and scale_mm > 0):
+        raise ValueError(f"scale_mm must be a positive number of millimetres, got {scale_mm!r}")
 
 
 def _check_points(points_lps) -> np.ndarray:

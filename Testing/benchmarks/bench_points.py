@@ -6,7 +6,10 @@ points (target: surf3d time ≤ 3 × Canny time of the same run, peak RSS ≤ 1.
 Each case runs in a fresh subprocess so that ``ru_maxrss`` is its own peak. Wall and CPU times are both given, with the
 load average: on a shared machine wall times are inflated.
 
-Usage: ``python Testing/benchmarks/bench_points.py [--large] [--threads N]``
+``--compare``: each step in each implementation, SimpleITK/NumPy against torch (``--device cpu cuda`` to add a GPU),
+on the same points: times, and whether the torch results equal the others (edge voxels, descriptors).
+
+Usage: ``python Testing/benchmarks/bench_points.py [--large] [--compare] [--device cpu [cuda]]``
 """
 from __future__ import annotations
 
@@ -86,6 +89,37 @@ def run_case(name: str) -> dict:
     return result
 
 
+def compare_case(name: str, device: str) -> dict:
+    """Each step in each implementation on one device: wall and CPU seconds, and agreement of the results."""
+    import torch
+
+    from SCONetLib.points import canny_points, canny_points_torch, surf3d, surf3d_torch
+
+    case = CASES[name]
+    image = synthetic_ct(case["size"], case["spacing"])
+    cuda = device.startswith("cuda")
+    from bench_infer import _machine
+    result = {"case": name, "size": case["size"], "spacing": case["spacing"], "device": device,
+              "device_name": torch.cuda.get_device_name(torch.device(device)) if cuda else _machine()["cpu"],
+              "torch_threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
+    edges, result["canny_sitk_s"], result["canny_sitk_cpu_s"] = _timed(canny_points, image)
+    torch_edges, result["canny_torch_s"], result["canny_torch_cpu_s"] = _timed(canny_points_torch, image,
+                                                                               device=device)
+    result["canny_points"] = len(edges)
+    result["canny_identical"] = bool(np.array_equal(edges, torch_edges))
+    chosen = edges[np.random.default_rng(0).choice(len(edges), size=min(case["n_points"], len(edges)),
+                                                   replace=False)]
+    descriptors, result["surf3d_numpy_s"], result["surf3d_numpy_cpu_s"] = _timed(surf3d, image, chosen)
+    torch_descriptors, result["surf3d_torch_s"], result["surf3d_torch_cpu_s"] = _timed(surf3d_torch, image, chosen,
+                                                                                       device=device)
+    result["surf3d_points"] = len(chosen)
+    result["surf3d_max_abs_difference"] = float(np.abs(descriptors - torch_descriptors).max())
+    if cuda:
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 30
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return result
+
+
 def _timed(function, *args, **kwargs):
     """(result, wall seconds, CPU seconds of this process) of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -96,16 +130,22 @@ def _timed(function, *args, **kwargs):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--large", action="store_true", help="also run the 512 × 512 × 300 case")
+    parser.add_argument("--compare", action="store_true", help="each step in both implementations")
+    parser.add_argument("--device", nargs="+", default=["cpu"], help="devices for the torch steps (--compare)")
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # internal: run in this process
+    parser.add_argument("--on", help=argparse.SUPPRESS)                           # internal: device of --compare
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case)))
+        print(json.dumps(compare_case(args.case, args.on) if args.compare else run_case(args.case)))
         return 0
     results = []
     for name in ["default"] + (["large"] if args.large else []):
-        done = subprocess.run([sys.executable, __file__, "--case", name], check=True, capture_output=True,
-                              encoding="utf-8", cwd=REPO)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for device in args.device if args.compare else [None]:
+            extra = ["--compare", "--on", device] if args.compare else []
+            done = subprocess.run([sys.executable, __file__, "--case", name] + extra, check=True,
+                                  capture_output=True, encoding="utf-8", cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(json.dumps(results, indent=1))
     return 0
 
