@@ -610,8 +610,15 @@ def _run_preprocessing(todo, mapping, workers):
 
 
 def _init_worker() -> None:
-    """One SimpleITK thread per worker process (the pool supplies the parallelism)."""
+    """One SimpleITK and one torch thread per worker process (the pool supplies the parallelism).
+
+    The pool forks; the parent's OpenMP thread pool (used by torch's CPU operations) does not survive a fork, and
+    a forked child that enters an OpenMP parallel region can hang. One torch thread keeps the child out of them.
+    """
+    import torch
+
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    torch.set_num_threads(1)
 
 
 def _preprocess_case(case: Case, folder: Path, mapping: dict | None) -> str | None:

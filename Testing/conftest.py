@@ -17,6 +17,10 @@ before modifying):
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 import torch
@@ -46,3 +50,20 @@ def tiny_weights(tmp_path_factory):
     """A seeded random SCONet saved as a checkpoint (see module docstring)."""
     torch.manual_seed(2)
     return save_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", SCONet(), metadata={"note": "test"})
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """``fake(**settings)`` (e.g. ``delay=…``, ``fail_in=…``) steers the ``FakeSegmenter`` of
+    ``Testing/segmenter_factories.py`` in worker processes started after this fixture (they find the module
+    through ``PYTHONPATH``)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    control = tmp_path / "fake.json"
+    monkeypatch.setenv("SCONET_FAKE_CONTROL", str(control))
+
+    def set_control(**settings):
+        control.write_text(json.dumps(settings), encoding="utf-8")
+
+    set_control()
+    return set_control

@@ -112,10 +112,11 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_torchrun_two_cpu_ranks_share_the_list(cts, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "SCONetLib.segment", str(cts), "-o", str(out), "--device", "cpu",
+                             "-m", "SCONetLib", str(cts), "-o", str(out), "--device", "cpu",
                              "--points", str(POINTS)],
                             cwd=tmp_path, env=_env(), capture_output=True, encoding="utf-8", timeout=600)
     assert result.returncode != 0, "the broken file is a failed case: its rank exits with status 1"
@@ -127,10 +128,11 @@ def test_torchrun_two_cpu_ranks_share_the_list(cts, tmp_path):
     assert sorted(p.name for p in out.glob("*_sconet.nii.gz")) == [f"case{i}_sconet.nii.gz" for i in range(4)]
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_killed_batch_resumes(cts, tmp_path):
     """SIGKILL while the batch runs: finished label maps are complete files, and a second run skips them."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "SCONetLib.segment", str(cts), "-o", str(out), "--device", "cpu",
+    command = [sys.executable, "-m", "SCONetLib", str(cts), "-o", str(out), "--device", "cpu",
                "--points", str(POINTS)]
     process = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -153,7 +155,7 @@ def test_killed_batch_resumes(cts, tmp_path):
 
 
 def test_cli_batch_messages_and_refusals(cts, tmp_path, capsys):
-    from SCONetLib.segment import main
+    from SCONetLib.cli import segment_main as main
     listing = tmp_path / "one.txt"
     listing.write_text(str(cts / "case2.nii.gz"), encoding="utf-8")
     assert main([str(listing), "-o", str(tmp_path / "out"), "--device", "cpu", "--points", str(POINTS)]) == 0

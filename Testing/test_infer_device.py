@@ -173,7 +173,7 @@ PARITY_CASES = {
 
 
 @pytest.mark.parametrize("name, implementation", [("phantom", "auto"), ("phantom_oblique", "auto"),
-                                                  ("real_ct", "torch")])
+                                                  pytest.param("real_ct", "torch", marks=pytest.mark.slow)])
 def test_labels_agree_with_the_numpy_pipeline(bundled, name, implementation):
     """The point stage as chosen for the CPU (``"auto"``) or all in torch (as on CUDA) + the batched decoder, vs the
     NumPy point stage + ``model.decode``: ≥ 99.9 % equal labels, on the input grid and at 2 mm."""

@@ -305,13 +305,13 @@ def test_module_entry_point(tmp_path):
     assert "sconet-segment: error: input does not exist" in done.stderr
 
 
-def test_postprocessing_is_on_by_default_and_can_be_switched_off(ct_file, weights):
+def test_postprocessing_is_on_by_default_and_can_be_switched_off(ct_file, tiny_weights):
     """The default output keeps each organ's largest components; --no-postprocess gives the raw argmax."""
     from SCONetLib.postprocess import keep_largest_components
 
     assert main([str(ct_file), "-o", str(ct_file.parent / "raw.nii.gz"), "--no-postprocess", "--weights",
-                 str(weights), *POINTS]) == 0
-    assert main([str(ct_file), "-o", str(ct_file.parent / "post.nii.gz"), "--weights", str(weights), *POINTS]) == 0
+                 str(tiny_weights), *POINTS]) == 0
+    assert main([str(ct_file), "-o", str(ct_file.parent / "post.nii.gz"), "--weights", str(tiny_weights), *POINTS]) == 0
     raw, post = (sitk.ReadImage(str(ct_file.parent / name)) for name in ("raw.nii.gz", "post.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(post),
                                   sitk.GetArrayFromImage(keep_largest_components(raw)))

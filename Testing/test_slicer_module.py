@@ -68,20 +68,6 @@ def scene(monkeypatch):
 
 
 @pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """Workers started from here find Testing/segmenter_factories.py; ``fake(delay=…, fail_in=…)`` steers it."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTING), os.environ.get("PYTHONPATH", "")]))
-    control = tmp_path / "fake.json"
-    monkeypatch.setenv("SCONET_FAKE_CONTROL", str(control))
-
-    def set_control(**settings):
-        control.write_text(json.dumps(settings), encoding="utf-8")
-
-    set_control()
-    return set_control
-
-
-@pytest.fixture
 def logic(fake):
     """A logic whose worker runs the fake segmenter; its worker is ended after the test."""
     made = Logic(workerCommand=FAKE_WORKER)
@@ -700,10 +686,11 @@ def test_output_spacing_mapping():
 def test_parameter_node_fields_defaults_and_validation():
     parameters = Logic().getParameterNode()
     organ_fields = [name for name, info in parameters.allParameters.items() if info.basetype is bool
-                    and name != "showUncertainty"]
+                    and name not in ("showUncertainty", "keepLargestComponents")]
     assert organ_fields == [organ.name for organ in ORGANS]
     assert all(parameters.getValue(name) is True for name in organ_fields)
     assert (parameters.device, parameters.outputSpacingMm, parameters.showUncertainty) == ("auto", 0.1, False)
+    assert parameters.keepLargestComponents is True   # post-processing on by default, as in sconet-segment
     assert parameters.weightsPath == "" and parameters.inputVolume is None
     with pytest.raises(ValueError, match="must be in one of"):
         parameters.device = "gpu"

@@ -64,6 +64,7 @@ def _config(out: Path, cache: Path, epochs: int) -> TrainConfig:
                              "spacing": [6.0, 6.0, 8.0], "version": 2}}})
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_training_on_the_stream_resumes_exactly_and_records_it(tmp_path):
     cache = tmp_path / "cache"
     straight = train(_config(tmp_path / "straight", cache, epochs=2))

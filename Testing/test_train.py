@@ -123,7 +123,7 @@ def test_flags_override_the_yaml(tmp_path):
     assert TrainConfig.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("name", ["phantom_A.yaml", "abdomenct1k_A.yaml"])
+@pytest.mark.parametrize("name", ["phantom_A.yaml", "abdomenct1k_A.yaml", "synth_A.yaml", "synth_A_gpu.yaml"])
 def test_shipped_configs_are_valid(name, tmp_path):
     path = REPO / "SCONetLib" / "configs" / name
     args = build_parser().parse_args(["--config", str(path), "--out", str(tmp_path), "--data", str(tmp_path)])
@@ -133,6 +133,10 @@ def test_shipped_configs_are_valid(name, tmp_path):
         assert (config.lr, config.n_points, config.n_queries, config.val_queries, config.select_on) == \
             (1e-4, 50_000, 50_000, 524_288, "all")
         assert config.learning_rate(299) == 1e-4
+    if name.startswith("synth_"):  # the phantom stream: version-2 training data, disjoint seed ranges
+        stream, val = config.data.stream, config.data.phantom
+        assert stream["version"] == 2 and val["version"] == 2 and val["n_train"] == 0
+        assert stream["seed"] >= 1_000_000 and val["seed"] + val["n_val"] <= 9000
 
 
 def test_main_reports_config_errors_with_status_2(tmp_path, capsys):
@@ -218,6 +222,7 @@ def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float =
     raise AssertionError(f"timeout waiting for {text!r} in {path}")
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_resume_after_sigkill_mid_epoch_is_exact(phantom_cache, tmp_path):
     """Kill (SIGKILL) a run right after a mid-epoch checkpoint of epoch 2, resume it, and compare with an
     uninterrupted run: same 3 log rows, same steps, bit-identical weights; no temporary files left."""
@@ -258,6 +263,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_cache, tmp_path):
     assert refused.returncode == 1 and "--resume" in refused.stderr
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_ddp_with_two_gloo_processes(phantom_cache, tmp_path):
     config_path = _write_yaml(tmp_path / "ddp.yaml", _run_config(tmp_path / "run", phantom_cache, epochs=1,
                                                                   checkpoint_every=1))

@@ -28,20 +28,6 @@ FAKE = [sys.executable, "-m", "SCONetLib.worker", "--factory", "segmenter_factor
 
 
 @pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """``fake(**settings)`` steers the FakeSegmenter of workers started after this fixture."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTING), os.environ.get("PYTHONPATH", "")]))
-    control = tmp_path / "fake.json"
-    monkeypatch.setenv("SCONET_FAKE_CONTROL", str(control))
-
-    def set_control(**settings):
-        control.write_text(json.dumps(settings), encoding="utf-8")
-
-    set_control()
-    return set_control
-
-
-@pytest.fixture
 def client(fake):
     made = WorkerClient(FAKE)
     yield made

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     cases = _phantoms(args.cases, Path(args.cache) / "cts")
     out = Path(args.cache) / "out"
     shutil.rmtree(out, ignore_errors=True)
-    command = ["-m", "SCONetLib.segment", str(cases), "-o", str(out), "--device", args.device]
+    command = ["-m", "SCONetLib", str(cases), "-o", str(out), "--device", args.device]
     if args.ranks > 1:
         command = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"] + command
     machine = _machine()
