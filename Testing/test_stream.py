@@ -21,6 +21,7 @@ def _arrays(case):
     return case.labels, case.cloud.xyz_lps, case.cloud.surf_int8
 
 
+@pytest.mark.slow  # long: runs in .ci/run's second pass, not in the default suite
 def test_stream_is_seeded_distinct_per_epoch_and_reused_within_it():
     with PhantomStream(TINY, 400.0, workers=1) as first, PhantomStream(TINY, 400.0, workers=1) as second:
         first.set_epoch(1)
