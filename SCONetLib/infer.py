@@ -34,7 +34,7 @@ from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
 from .model import SCONet
 from .model.encoder import normalize_to_unit_cube
-from .parallel import ordered_map
+from .parallel import ordered_map, single_threaded_ops
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS, choose_implementations
 from .progress import ProgressCallback, report, sub_progress
@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Queries per decoder call on the CPU (timed on 2 cores: a chunk's activations stay in the processor's cache).
 CPU_CHUNK = 8_192
-#: Queries per decoder call on a CUDA device (about 1 KB of activations per query in float32).
-CUDA_CHUNK = 524_288
+#: Queries per decoder call on a CUDA device (about 1.3 KB of activations per query in float32: ~0.35 GB).
+CUDA_CHUNK = 262_144
 #: Decoder precisions: autocast dtype (``None``: plain float32). Reduced precision is meant for CUDA; on the CPU it
 #: is allowed but slower.
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -387,8 +387,8 @@ class Segmenter:
                 entropy: np.ndarray | None = None) -> None:
         """Run the decoder on output voxels, chunk by chunk, writing the reduced results into the given arrays.
 
-        On the CPU, chunks run on several threads (:func:`SCONetLib.parallel.ordered_map`); progress is reported
-        in order from this thread.
+        On the CPU, chunks run on as many threads as torch has intra-op threads, with torch's own parallelism off
+        meanwhile (:mod:`SCONetLib.parallel`); progress is reported in order from this thread.
 
         Parameters
         ----------
@@ -429,8 +429,9 @@ class Segmenter:
                         entropy[start:stop] = (-(p * log_p).sum(dim=1) / log_classes).cpu().numpy()
             return stop
 
-        for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), self.device):
-            report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
+        with single_threaded_ops(self.device) as workers:
+            for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), workers):
+                report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
 
 
 def _logits_function(model, features: torch.Tensor, autocast_dtype: torch.dtype | None):
