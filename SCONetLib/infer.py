@@ -35,7 +35,7 @@ from .geometry import Grid, ObjectFrame, spacing_mm
 from .labels import NUM_CLASSES
 from .model import SCONet
 from .model.encoder import normalize_to_unit_cube
-from .parallel import ordered_map
+from .parallel import ordered_map, single_threaded_ops
 from .points import extract_point_cloud
 from .points.cloud import DEFAULT_N_POINTS, choose_implementations
 from .progress import ProgressCallback, report, sub_progress
@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Queries per decoder call on the CPU (timed on 2 cores: a chunk's activations stay in the processor's cache).
 CPU_CHUNK = 8_192
-#: Queries per decoder call on a CUDA device (about 1 KB of activations per query in float32).
-CUDA_CHUNK = 524_288
+#: Queries per decoder call on a CUDA device (about 1.3 KB of activations per query in float32: ~0.35 GB).
+CUDA_CHUNK = 262_144
 #: Decoder precisions: autocast dtype (``None``: plain float32). Reduced precision is meant for CUDA; on the CPU it
 #: is allowed but slower.
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -275,8 +275,10 @@ class Segmenter:
         two, the largest with ``s · spacing ≤`` :data:`COARSE_CELL_FRACTION` of a feature-grid cell, at most
         :data:`MAX_COARSE_STEP`; the last voxel of each axis is always included). A lattice cell whose 8 corners
         do not all carry the same label is refined together with its 26 neighbour cells (one coarse cell of
-        margin). The next, twice finer lattice is evaluated inside refined cells and copied from the cells'
-        (uniform) corners elsewhere; this repeats down to stride 1. Labels are piecewise smooth at the
+        margin; at the last step, from stride ≤ 2 to 1, without margin: a uniform cell of 2 voxels per axis could
+        hide only a structure one voxel thin). The next, twice finer lattice is evaluated inside refined cells and
+        copied from the cells' (uniform) corners elsewhere; this repeats down to stride 1. Labels are piecewise
+        smooth at the
         feature-grid scale (the decoder sees position only through trilinear interpolation of the 13.8 mm grid),
         so this agrees with ``dense=True`` on all but a tiny fraction of voxels (tested ≥ 99.9 %) while
         evaluating a few percent of them. Which strides are used is logged at DEBUG level.
@@ -342,7 +344,7 @@ class Segmenter:
         evaluated = len(voxels)
         for level, strides in enumerate(levels[1:], start=1):
             new_axes = [torch.from_numpy(_lattice(n, s)).to(self.device) for n, s in zip(shape, strides)]
-            labels, need = _refine(labels, axes, new_axes)
+            labels, need = _refine(labels, axes, new_axes, margin=level < len(levels) - 1)
             where = torch.nonzero(need)
             voxels = torch.stack([axis[where[:, d]] for d, axis in enumerate(new_axes)], dim=1)
             values = torch.empty(len(voxels), dtype=torch.uint8, device=self.device)
@@ -362,8 +364,8 @@ class Segmenter:
                 entropy: np.ndarray | None = None) -> None:
         """Run the decoder on output voxels, chunk by chunk, writing the reduced results into the given arrays.
 
-        On the CPU, chunks run on several threads (:func:`SCONetLib.parallel.ordered_map`); progress is reported
-        in order from this thread.
+        On the CPU, chunks run on as many threads as torch has intra-op threads, with torch's own parallelism off
+        meanwhile (:mod:`SCONetLib.parallel`); progress is reported in order from this thread.
 
         Parameters
         ----------
@@ -404,8 +406,9 @@ class Segmenter:
                         entropy[start:stop] = (-(p * log_p).sum(dim=1) / log_classes).cpu().numpy()
             return stop
 
-        for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), self.device):
-            report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
+        with single_threaded_ops(self.device) as workers:
+            for stop in ordered_map(decode_chunk, range(0, total, self.chunk_size), workers):
+                report(progress, stop / total, f"decoding {stop:,} / {total:,} voxels")
 
 
 def _logits_function(model, features: torch.Tensor, autocast_dtype: torch.dtype | None):
@@ -536,7 +539,8 @@ def _lattice(n: int, stride: int) -> np.ndarray:
     return indices if indices[-1] == n - 1 else np.append(indices, n - 1)
 
 
-def _refine(labels: torch.Tensor, axes: list, new_axes: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _refine(labels: torch.Tensor, axes: list, new_axes: list, margin: bool = True) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
     """Carry coarse labels to a finer lattice and mark where the decoder must run (on the labels' device).
 
     Parameters
@@ -544,6 +548,8 @@ def _refine(labels: torch.Tensor, axes: list, new_axes: list) -> tuple[torch.Ten
     labels : (Lk, Lj, Li) uint8 tensor, labels on the coarse lattice ``axes`` (three increasing int64 tensors).
     axes, new_axes : per (k, j, i) axis, the output indices of the coarse and of the finer lattice; every coarse
         index is also a finer one.
+    margin : bool
+        Also refine the 26 neighbours of every cell with mixed corners.
 
     Returns
     -------
@@ -551,8 +557,8 @@ def _refine(labels: torch.Tensor, axes: list, new_axes: list) -> tuple[torch.Ten
         On the finer lattice: each point takes the label of the coarse lattice point at or below it (exact on
         coarse points, and the label of the whole neighbourhood where that is uniform).
     need : (Lk', Lj', Li') bool tensor
-        Points to evaluate: inside a coarse cell whose corners do not all carry the same label, or next to such a
-        cell (one cell of margin, 3×3×3 cells), excluding the points already evaluated on the coarse lattice.
+        Points to evaluate: inside a coarse cell whose corners do not all carry the same label, or (``margin``) next
+        to such a cell (3×3×3 cells), excluding the points already evaluated on the coarse lattice.
     """
     high, low = labels, labels
     for axis in range(3):            # extremes over the 8 corners of each cell (between lattice points c, c + 1)
@@ -560,7 +566,7 @@ def _refine(labels: torch.Tensor, axes: list, new_axes: list) -> tuple[torch.Ten
         if n > 1:
             high = torch.maximum(high.narrow(axis, 0, n - 1), high.narrow(axis, 1, n - 1))
             low = torch.minimum(low.narrow(axis, 0, n - 1), low.narrow(axis, 1, n - 1))
-    cells = _dilate(high != low)
+    cells = _dilate(high != low) if margin else high != low
     below = [torch.searchsorted(old, new, right=True) - 1 for old, new in zip(axes, new_axes)]
     cell_of = [b.clamp(max=max(0, len(old) - 2)) for b, old in zip(below, axes)]
     new_labels, need = labels, cells

@@ -125,8 +125,8 @@ def test_a_segmentation_crosses_to_the_host_once(prepared, monkeypatch):
 # ---------------------------------------------------------------------------------------------- refinement
 
 
-def _refine_by_definition(labels, axes, new_axes):
-    """Point by point: label of the coarse point at or below; needed inside or next to a cell with mixed corners."""
+def _refine_by_definition(labels, axes, new_axes, margin):
+    """Point by point: label of the coarse point at or below; needed inside (or next to) a cell with mixed corners."""
     shape = labels.shape
     cells = [max(1, n - 1) for n in shape]
     mixed = np.zeros(cells, dtype=bool)
@@ -140,23 +140,25 @@ def _refine_by_definition(labels, axes, new_axes):
         below = [int(np.searchsorted(axes[d], index[d], side="right")) - 1 for d in range(3)]
         new_labels[p] = labels[tuple(below)]
         cell = [min(b, max(0, len(axes[d]) - 2)) for d, b in enumerate(below)]
-        near = mixed[tuple(slice(max(0, c - 1), c + 2) for c in cell)].any()
+        reach = 1 if margin else 0
+        near = mixed[tuple(slice(max(0, c - reach), c + reach + 1) for c in cell)].any()
         on_old = all(index[d] in axes[d] for d in range(3))
         need[p] = near and not on_old
     return new_labels, need
 
 
+@pytest.mark.parametrize("margin", [True, False])
 @pytest.mark.parametrize("seed, shape, strides", [(0, (9, 13, 17), (2, 4, 4)), (1, (5, 9, 12), (1, 2, 2)),
                                                   (2, (1, 9, 9), (1, 4, 2))])
-def test_refine_follows_its_definition(seed, shape, strides):
+def test_refine_follows_its_definition(seed, shape, strides, margin):
     rng = np.random.default_rng(seed)
     axes = [infer._lattice(n, s) for n, s in zip(shape, strides)]
     new_axes = [infer._lattice(n, max(1, s // 2)) for n, s in zip(shape, strides)]
     labels = np.zeros([len(a) for a in axes], dtype=np.uint8)
     labels[rng.random(labels.shape) < 0.08] = 2
-    expected_labels, expected_need = _refine_by_definition(labels, axes, new_axes)
+    expected_labels, expected_need = _refine_by_definition(labels, axes, new_axes, margin)
     new_labels, need = _refine(torch.from_numpy(labels), [torch.from_numpy(a) for a in axes],
-                               [torch.from_numpy(a) for a in new_axes])
+                               [torch.from_numpy(a) for a in new_axes], margin)
     np.testing.assert_array_equal(new_labels.numpy(), expected_labels)
     np.testing.assert_array_equal(need.numpy(), expected_need)
 

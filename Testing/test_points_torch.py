@@ -6,6 +6,7 @@ original tool within the existing tolerance and the NumPy implementation to floa
 agree whatever the implementation.
 """
 import importlib
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -230,3 +231,27 @@ def test_cuda_cloud_equals_cpu_cloud(small_ct):
     reference = extract_point_cloud(small_ct, n_points=3000, seed=7, implementation="numpy")
     cloud = extract_point_cloud(small_ct, n_points=3000, seed=7, device="cuda")
     _assert_same_cloud(cloud, reference)
+
+
+def _cloud_in_child(queue, image_array, implementation):
+    image = sitk.GetImageFromArray(image_array)
+    image.SetSpacing((3.0, 3.0, 4.0))
+    queue.put(len(extract_point_cloud(image, n_points=500, implementation=implementation).xyz_lps))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "torch"])
+def test_point_stage_runs_in_a_forked_worker(small_ct, implementation):
+    """After torch's intra-op threads ran in this process, a forked worker (``ProcessPoolExecutor`` on Linux, as the
+    training cache uses) must not hang in the point stage: GNU OpenMP cannot start a parallel region there."""
+    torch.randn(4_000_000).exp_()                       # an intra-op parallel region in the parent
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_cloud_in_child,
+                            args=(queue, sitk.GetArrayFromImage(small_ct), implementation))
+    child.start()
+    child.join(timeout=180)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the point stage hung in a forked process")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 500

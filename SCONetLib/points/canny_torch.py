@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..parallel import ordered_map
+from ..parallel import ordered_map, single_threaded_ops
 from .canny import (CANNY_MAXIMUM_ERROR, CANNY_RESOLUTION, CANNY_THRESHOLDS, CANNY_VARIANCE_MM2, _edge_points,
                     _resample_in_plane, check_ct_image)
 
@@ -83,15 +83,17 @@ def canny_points_torch(image: sitk.Image, device: str | torch.device = "cpu") ->
 def _canny_points_torch(image: sitk.Image, device: torch.device) -> np.ndarray:
     """:func:`canny_points_torch` on an already validated image."""
     resampled = sitk.Cast(_resample_in_plane(image, CANNY_RESOLUTION), sitk.sitkFloat32)
-    volume = torch.from_numpy(sitk.GetArrayFromImage(resampled)).to(device)
-    edges = canny_edges(volume, resampled.GetSpacing(), CANNY_VARIANCE_MM2, CANNY_THRESHOLDS, CANNY_MAXIMUM_ERROR)
-    # (i, j, k) view: points listed with the first image axis slowest, as SimpleITK's path lists them
-    ijk = torch.nonzero(edges.permute(2, 1, 0)).cpu().numpy()
+    with single_threaded_ops(device) as workers:
+        volume = torch.from_numpy(sitk.GetArrayFromImage(resampled)).to(device)
+        edges = canny_edges(volume, resampled.GetSpacing(), CANNY_VARIANCE_MM2, CANNY_THRESHOLDS,
+                            CANNY_MAXIMUM_ERROR, workers=workers)
+        # (i, j, k) view: points listed with the first image axis slowest, as SimpleITK's path lists them
+        ijk = torch.nonzero(edges.permute(2, 1, 0)).cpu().numpy()
     return _edge_points(resampled, ijk, image)
 
 
 def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, maximum_error: float,
-                slab_voxels: int | None = None) -> torch.Tensor:
+                slab_voxels: int | None = None, workers: int = 1) -> torch.Tensor:
     """Edge voxels of a volume, as ``sitk.CannyEdgeDetection`` finds them.
 
     Parameters
@@ -109,6 +111,9 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
     slab_voxels : int, optional
         Voxels per slab of slices; default :data:`CPU_SLAB_VOXELS` or :data:`CUDA_SLAB_VOXELS`. The result does
         not depend on it.
+    workers : int
+        Slabs computed at once on threads (CPU; see :mod:`SCONetLib.parallel`, best with torch's intra-op
+        parallelism off, as :func:`canny_points_torch` runs it).
 
     Returns
     -------
@@ -118,9 +123,9 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
     Notes
     -----
     Three passes over slabs of slices, each reading the previous pass's float32 volume with a one-slice halo:
-    smoothing, the second directional derivative, then the edge strength, which is thresholded at once. On the CPU
-    the slabs of a pass are spread over threads (:func:`SCONetLib.parallel.ordered_map`). Peak memory is the
-    input, two float32 volumes, two boolean volumes and the slabs' temporaries.
+    smoothing, the second directional derivative, then the edge strength, which is thresholded at once. The slabs of
+    a pass may run on ``workers`` threads. Peak memory is the input, two float32 volumes, two boolean volumes and
+    the slabs' temporaries.
     """
     lower, upper = (float(np.float32(t)) for t in thresholds)
     k_size, j_size, i_size = volume.shape
@@ -146,7 +151,7 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
         torch.gt(strength, upper, out=seeds[slab[0]:slab[1]])
 
     for step in (smooth, differentiate, threshold):          # each pass reads the previous one's whole volume
-        for _ in ordered_map(step, slabs, volume.device):
+        for _ in ordered_map(step, slabs, workers):
             pass
     del smoothed, second
     return hysteresis(candidates, seeds)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..geometry import lps_to_ras
+from ..parallel import single_threaded_ops
 from ..progress import ProgressCallback, report
 from .canny import check_ct_image
 from .surf import (_INTENSITY_OFFSET, _MAX_STORED, _SAMPLES, _VTK_ROUND_OFFSET, CLAMP_HU, DEFAULT_SCALE_MM,
@@ -35,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 #: Grid voxels per slab of planes on the CPU.
 CPU_SLAB_VOXELS = 4_000_000
-#: Grid voxels per slab on a CUDA device (about 30 bytes each are live at once: ~0.5 GB); a slab recomputes 2h - 1
+#: Grid voxels per slab on a CUDA device (about 50 bytes each are live at once: ~0.4 GB); a slab recomputes 2h - 1
 #: planes of the previous one, so larger slabs waste less.
-CUDA_SLAB_VOXELS = 16_000_000
+CUDA_SLAB_VOXELS = 8_000_000
 #: (point, z sample) pairs gathered at once (each holds 600 float64 values while it is contracted).
 _PAIRS_PER_BATCH = 32_768
 
@@ -76,8 +77,16 @@ def _surf3d_torch(image, points_lps: np.ndarray, scale_mm: float, device: torch.
     """:func:`surf3d_torch` on a validated image and (N ≥ 1, 3) float64 points.
 
     ``slab_voxels``: grid voxels per slab of planes (default :data:`CPU_SLAB_VOXELS` or :data:`CUDA_SLAB_VOXELS`);
-    the result does not depend on it.
+    the result does not depend on it. On the CPU, torch runs single-threaded here (safe in forked workers, see
+    :mod:`SCONetLib.parallel`): this implementation is meant for CUDA, the NumPy one is the CPU's.
     """
+    with single_threaded_ops(device):
+        return _descriptors(image, points_lps, scale_mm, device, progress, slab_voxels)
+
+
+def _descriptors(image, points_lps: np.ndarray, scale_mm: float, device: torch.device,
+                 progress: Optional[ProgressCallback], slab_voxels: int | None) -> np.ndarray:
+    """The body of :func:`_surf3d_torch`."""
     volume = _RasVolume.of(image)
     layout = _SampleLayout.of(lps_to_ras(points_lps).astype(np.float32), volume.axes, scale_mm)
     layout.check_support(volume.axes)
