@@ -48,8 +48,10 @@ def keep_largest_components(labels: sitk.Image, keep: dict | None = None,
     out = array.copy()
     for label, count in keep.items():
         mask = array == label
-        if not mask.any():
+        box = _bounding_box(mask)
+        if box is None:
             continue
+        mask = mask[box]  # components are labelled inside the organ's bounding box only (much less work)
         components = sitk.GetArrayFromImage(
             sitk.ConnectedComponent(sitk.GetImageFromArray(mask.view(np.uint8)), True))
         sizes = np.bincount(components.ravel())
@@ -57,7 +59,18 @@ def keep_largest_components(labels: sitk.Image, keep: dict | None = None,
         order = np.argsort(sizes)[::-1][:count]
         kept = np.zeros(len(sizes), dtype=bool)
         kept[order[(sizes[order] > 0) & (sizes[order] * voxel_ml >= min_volume_ml)]] = True
-        out[mask & ~kept[components]] = 0
+        out[box][mask & ~kept[components]] = 0
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(labels)
     return result
+
+
+def _bounding_box(mask: np.ndarray):
+    """Slices of the smallest box holding every True voxel of ``mask`` (3D bool), or None if there is none."""
+    ranges = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(present):
+            return None
+        ranges.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(ranges)
