@@ -23,10 +23,6 @@ from pathlib import Path
 
 import pytest
 
-import torch
-
-from SCONetLib.checkpoint import save_checkpoint
-from SCONetLib.model import SCONet
 from SCONetLib.phantom import make_phantom
 
 SMALL_PHANTOM_SEED = 7
@@ -48,6 +44,11 @@ def small_phantom_oblique():
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """A seeded random SCONet saved as a checkpoint (see module docstring)."""
+    import torch  # here, not at module level: the Python 3.9 leg runs the torch-free tests without torch
+
+    from SCONetLib.checkpoint import save_checkpoint
+    from SCONetLib.model import SCONet
+
     torch.manual_seed(2)
     return save_checkpoint(tmp_path_factory.mktemp("weights") / "tiny.pt", SCONet(), metadata={"note": "test"})
 
