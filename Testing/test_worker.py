@@ -113,6 +113,9 @@ def test_warnings_and_stray_prints_of_the_engine(client, fake):
         segmenter.prepare(labelled_image())
     assert [str(w.message) for w in caught] == ["intensities do not look like CT"]
     assert segmenter.is_prepared                          # the print went to stderr, the protocol is intact
+    deadline = time.monotonic() + 30                      # stderr is read by a thread: wait for it under load
+    while "a library printing to stdout" not in "\n".join(client._stderr_tail) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "a library printing to stdout" in "\n".join(client._stderr_tail)
 
 
