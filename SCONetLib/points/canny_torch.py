@@ -17,9 +17,9 @@ voxels are the same as SimpleITK's, not merely similar:
 4. Hysteresis: 26-connected components of ``strength > lower`` that contain a voxel of ``strength > upper``.
 
 Steps 1–3 run as three passes over slabs of slices, each with a one-slice halo (the result does not depend on the
-slab size), so memory is two float32 volumes of the 256² grid, two boolean volumes and one slab's temporaries. Step 4 uses ``scipy.ndimage.label`` for CPU tensors and, on
-CUDA, a sparse connected-components pass over the candidate voxels (hooking and pointer jumping, as in Shiloach and
-Vishkin's algorithm) that never leaves the device.
+slab size), so memory is two float32 volumes of the 256² grid, two boolean volumes and the slabs' temporaries.
+Step 4 uses ``scipy.ndimage.label`` for CPU tensors and, on CUDA, a sparse connected-components pass over the
+candidate voxels (hooking and pointer jumping, as in Shiloach and Vishkin's algorithm) that never leaves the device.
 
 References
 ----------
@@ -134,6 +134,11 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
         slab_voxels = CUDA_SLAB_VOXELS if volume.device.type == "cuda" else CPU_SLAB_VOXELS
     slab = max(1, slab_voxels // (j_size * i_size))
     slabs = [(z0, min(k_size, z0 + slab)) for z0 in range(0, k_size, slab)]
+    return hysteresis(*_thresholded_strength(volume, kernels, slabs, lower, upper, workers))
+
+
+def _thresholded_strength(volume: torch.Tensor, kernels, slabs, lower: float, upper: float, workers: int):
+    """Steps 1–3 over ``slabs``: (K, J, I) bool ``strength > lower`` and ``strength > upper``."""
     smoothed = torch.empty(volume.shape, dtype=torch.float32, device=volume.device)
     second = torch.empty_like(smoothed)
     candidates = torch.empty(volume.shape, dtype=torch.bool, device=volume.device)
@@ -153,8 +158,7 @@ def canny_edges(volume: torch.Tensor, spacing, variance_mm2: float, thresholds, 
     for step in (smooth, differentiate, threshold):          # each pass reads the previous one's whole volume
         for _ in ordered_map(step, slabs, workers):
             pass
-    del smoothed, second
-    return hysteresis(candidates, seeds)
+    return candidates, seeds
 
 
 def gaussian_kernel(variance: float, maximum_error: float, maximum_width: int = MAXIMUM_KERNEL_WIDTH) -> np.ndarray:
