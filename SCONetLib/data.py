@@ -948,9 +948,7 @@ class PhantomStream:
         if self.epoch is None:
             raise RuntimeError("call set_epoch(epoch) before reading a PhantomStream")
         k = self.phantom_index(self.epoch, index)
-        if k not in self._ready:
-            if k not in self._pending:
-                self._pending[k] = self._pool.submit(_stream_phantom, self.section, k)
+        if k not in self._ready:  # set_epoch queued every phantom of the epoch
             wait = time.perf_counter()
             cloud, labels, label_grid, seconds = self._pending.pop(k).result()
             waited = time.perf_counter() - wait

@@ -235,7 +235,8 @@ def _texture_and_metal(hu: np.ndarray, scene: "_Scene", draw: _Draw) -> None:
     r = np.sqrt(dx * dx + dy * dy)
     streaks = sum(np.float32(sign) * np.exp(-((np.cos(t) * dy - np.sin(t) * dx) / np.float32(width)) ** 2)
                   for t, sign in zip(angles, signs)) * np.exp(-r / np.float32(reach))
-    for kk in range(max(0, int(np.floor(k - (radius + 15) / sz))), min(hu.shape[0], int(np.ceil(k + (radius + 15) / sz)) + 1)):
+    reach_k = (radius + 15.0) / sz  # slices within 15 mm of the metal's surface
+    for kk in range(max(0, int(np.floor(k - reach_k))), min(hu.shape[0], int(np.ceil(k + reach_k)) + 1)):
         dz = (kk - k) * sz
         hu[kk] += streaks * np.float32(np.exp(-(dz / (radius + 5.0)) ** 2))
         hu[kk][r * r + dz * dz < radius * radius] = 3000.0
@@ -443,7 +444,7 @@ class _Anatomy:
     aorta_front: float = 0.0                           # y of the aorta's anterior wall
     ivc: np.ndarray = None                             # (2,) x, y of the inferior vena cava axis
 
-    warp: tuple = ()                                   # smooth deformation: (amplitudes (n, 3) mm, waves (n, 3), phases (n,))
+    warp: tuple = ()                                   # deformation: amplitudes (n, 3) mm, waves (n, 3), phases (n,)
     arms: list = field(default_factory=list)           # (x, y, half-width x, half-width y, humerus radius) mm
     table: dict = None                                 # patient table below the back, or None
     overlays: list = field(default_factory=list)       # (shape, HU, label required, label set): lesions, excretion
@@ -1339,7 +1340,8 @@ def write_dataset(out_dir, n: int, seed: int, progress: ProgressCallback | None 
     (labels, uint8), ids 1-based (``Case_00001`` … ``Case_{n:05d}``); case ``k`` is ``make_phantom(seed + k - 1,
     **phantom_kwargs)``, so datasets with disjoint seed ranges hold different phantoms. ``out_dir/dataset.json``
     records the generator, the library and generator versions, the arguments and, per case, its seed, files,
-    size, spacing and the drawn quantities of :func:`phantom_parameters` (version 2). Every file is written atomically; existing cases with the same ids are replaced.
+    size, spacing and the drawn quantities of :func:`phantom_parameters` (version 2). Every file is written
+    atomically; existing cases with the same ids are replaced.
 
     Returns
     -------
